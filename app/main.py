@@ -1,0 +1,83 @@
+"""The leaker service: Form3's Go memory-leak demo, in Python.
+
+`GET /` answers `OK`. Every request passes through OpenTelemetry's ASGI wrapper, which records a
+SERVER span (exported to Zipkin) and creates its HTTP metric instruments. No meter provider is
+configured, so those instruments land on OpenTelemetry's global *proxy* meter provider, which keeps
+every meter and instrument it is ever asked for.
+
+- LEAK_MODE=leaky (the Go repo's `master`): the wrapper is built anew on every request, so every
+  request adds a meter and three histograms to the proxy provider. Memory grows forever.
+- LEAK_MODE=fixed (the Go repo's `fixed-leak`): the wrapper is built once, at startup.
+
+`/metrics` is for Prometheus; `/debug/pprof/` serves heap profiles that lead back to this file.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app import pprof
+from app.settings import Settings, SettingsError
+from app.tracing import configure_tracing
+
+
+class OpenTelemetryPerRequest:
+    """LEAK_MODE=leaky: builds the OpenTelemetry wrapper inside a per-request middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await OpenTelemetryMiddleware(self.app)(scope, receive, send)  # the leak: new instruments per request
+
+
+def create_app(settings: Settings) -> FastAPI:
+    configure_tracing(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.pprof_enabled and settings.tracemalloc_start == "startup":
+            pprof.start_tracing(settings.tracemalloc_frames)  # after the imports: startup stays fast
+        yield
+
+    # FastAPI's native telemetry would add a second SERVER span per request: the wrapper's is the lesson.
+    no_telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(
+        telemetry=no_telemetry, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def ok() -> str:
+        return "OK\n"
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.pprof_enabled:
+        app.mount("/debug/pprof", pprof.PprofApp(frames=settings.tracemalloc_frames))
+
+    if settings.leak_mode == "leaky":
+        app.add_middleware(OpenTelemetryPerRequest)
+    else:
+        app.add_middleware(OpenTelemetryMiddleware)  # the fix: one wrapper, built once at startup
+    return app
+
+
+def _app_from_environ() -> FastAPI:
+    try:
+        settings = Settings.from_environ()
+    except SettingsError as error:
+        sys.exit(f"leaker: invalid setting: {error}")
+    return create_app(settings)
+
+
+app = _app_from_environ()
