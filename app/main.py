@@ -36,7 +36,7 @@ class OpenTelemetryPerRequest:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await OpenTelemetryMiddleware(self.app)(scope, receive, send)  # the leak: new instruments per request
+        await OpenTelemetryMiddleware(self.app)(scope, receive, send)  # the leak
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -45,10 +45,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.pprof_enabled and settings.tracemalloc_start == "startup":
-            pprof.start_tracing(settings.tracemalloc_frames)  # after the imports: startup stays fast
+            # After the imports, so that startup stays fast.
+            pprof.start_tracing(settings.tracemalloc_frames)
         yield
 
-    # FastAPI's native telemetry would add a second SERVER span per request: the wrapper's is the lesson.
+    # FastAPI's native telemetry would add a second SERVER span per request.
     no_telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
     app = FastAPI(
         telemetry=no_telemetry, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -80,4 +81,11 @@ def _app_from_environ() -> FastAPI:
     return create_app(settings)
 
 
-app = _app_from_environ()
+def __getattr__(name: str) -> FastAPI:
+    """`app` is built from the environment when first asked for (`uvicorn app.main:app`), so that
+    importing `create_app` configures nothing."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global app
+    app = _app_from_environ()
+    return app

@@ -52,7 +52,10 @@ class Settings:
 def _choice(environ: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     value = environ.get(name, "").strip().lower() or default
     if value not in allowed:
-        raise SettingsError(f"{name}={environ[name]!r} is not allowed; use one of: {', '.join(allowed)}")
+        allowed_values = ", ".join(allowed)
+        raise SettingsError(
+            f"{name}={environ[name]!r} is not allowed; use one of: {allowed_values}"
+        )
     return value
 
 
@@ -65,9 +68,7 @@ def _boolean(environ: Mapping[str, str], name: str, default: bool) -> bool:
     return BOOLEANS[value]
 
 
-def _integer(
-    environ: Mapping[str, str], name: str, default: int, low: int, high: int
-) -> int:
+def _integer(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     value = environ.get(name, "").strip()
     if not value:
         return default

@@ -79,8 +79,6 @@ def configure_tracing(settings: Settings) -> TracerProvider:
     elif settings.traces_exporter == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
-        provider.add_span_processor(
-            BatchSpanProcessor(exporter, max_queue_size=MAX_QUEUED_SPANS)
-        )
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=MAX_QUEUED_SPANS))
     trace.set_tracer_provider(provider)
     return provider

@@ -1,20 +1,10 @@
-"""Placeholder until the real package lands (being written now)."""
+"""Go-style /debug/pprof/ endpoints for Python ASGI services, read by the real `go tool pprof`.
 
-from __future__ import annotations
+Split like Go's own packages: `handlers` is net/http/pprof (HTTP), the rest is runtime/pprof
+(`heap` captures, `symbolize` names frames, `profile` and `protobuf` encode).
+"""
 
-import tracemalloc
+from app.pprof.handlers import PprofApp
+from app.pprof.heap import start_tracing
 
-from starlette.responses import PlainTextResponse
-from starlette.types import Receive, Scope, Send
-
-
-def start_tracing(frames: int) -> None:
-    tracemalloc.start(frames)
-
-
-class PprofApp:
-    def __init__(self, frames: int = 32, max_seconds: int = 300) -> None:
-        self.frames = frames
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await PlainTextResponse("pprof placeholder")(scope, receive, send)
+__all__ = ["PprofApp", "start_tracing"]

@@ -1,0 +1,197 @@
+"""Heap profiles from tracemalloc, like Go's runtime/pprof heap profile, but exact.
+
+tracemalloc records every live block with the stack that allocated it (up to a depth set when it
+starts), so a profile here is not sampled: the period is 1. It sees live blocks only, so there are
+no allocation totals (`alloc_*`) as in Go, only what is in use.
+
+Two ways to trace:
+- from startup (`start_tracing`): every later allocation is recorded; `/heap` shows all of it.
+- on demand: a window (`seconds=N`) starts tracing, waits, and stops tracing when the last open
+  window closes, so a service that is not being profiled pays nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from app.pprof.profile import ProfileBuilder
+from app.pprof.symbolize import Frame, address_of, function_of
+
+Stack = tuple[Frame, ...]  # leaf first, as tracemalloc gives it
+
+# Blocks allocated by the profiler itself, or by tracemalloc, are not the service's memory.
+_OWN_FILES = (os.path.dirname(__file__) + os.sep, tracemalloc.__file__)
+
+
+@dataclass
+class HeapProfile:
+    """In-use memory by stack: {stack: [blocks, bytes]}; a window's growth may be negative."""
+
+    stacks: dict[Stack, list[int]]
+    frames: int  # tracemalloc's depth: stacks deeper than this are cut
+    time_ns: int = field(default_factory=time.time_ns)
+    duration_ns: int = 0  # 0: a snapshot of what is in use now; else a window's growth
+
+    def minus(self, earlier: HeapProfile) -> HeapProfile:
+        """The growth since `earlier`, by stack, like Go's delta profiles."""
+        stacks = {stack: list(values) for stack, values in self.stacks.items()}
+        for stack, (blocks, size) in earlier.stacks.items():
+            values = stacks.setdefault(stack, [0, 0])
+            values[0] -= blocks
+            values[1] -= size
+        growth = {stack: values for stack, values in stacks.items() if values != [0, 0]}
+        return HeapProfile(growth, self.frames, earlier.time_ns, self.time_ns - earlier.time_ns)
+
+    def total(self) -> tuple[int, int]:
+        return sum(v[0] for v in self.stacks.values()), sum(v[1] for v in self.stacks.values())
+
+
+def _is_own(stack: Stack) -> bool:
+    return any(filename.startswith(_OWN_FILES) for filename, _ in stack)
+
+
+def capture() -> HeapProfile:
+    """What is in use now, grouped by allocating stack. Empty when tracemalloc is not tracing.
+
+    This runs over every live block, so it is written to allocate almost nothing per block: each
+    allocation made while tracing is itself traced, which costs many times the allocation.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a full collection in the middle would scan the million tuples we just made
+    try:
+        traces = tracemalloc._get_traces()  # what take_snapshot() uses, without the Snapshot
+        sizes_by_stack: dict[Stack, list[int]] = {}
+        for _domain, size, stack, _depth in traces:
+            sizes = sizes_by_stack.get(stack)
+            if sizes is None:
+                sizes = sizes_by_stack[stack] = []
+            sizes.append(size)
+        del traces
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    stacks = {
+        stack: [len(sizes), sum(sizes)]
+        for stack, sizes in sizes_by_stack.items()
+        if not _is_own(stack)
+    }
+    return HeapProfile(stacks, tracemalloc.get_traceback_limit())
+
+
+_open_windows = 0
+_started_by_windows = False
+
+
+@contextmanager
+def tracing_window(frames: int) -> Iterator[None]:
+    """Traces while open; the last window to close stops tracing, if a window started it."""
+    global _open_windows, _started_by_windows
+    if not tracemalloc.is_tracing():
+        tracemalloc.start(frames)
+        _started_by_windows = True
+    _open_windows += 1
+    try:
+        yield
+    finally:
+        _open_windows -= 1
+        if _open_windows == 0 and _started_by_windows:
+            _started_by_windows = False
+            tracemalloc.stop()
+
+
+def start_tracing(frames: int) -> None:
+    """Trace every allocation from now on (for services that want `/heap` to show everything)."""
+    global _started_by_windows
+    if not tracemalloc.is_tracing():
+        tracemalloc.start(frames)
+    _started_by_windows = False  # tracing is the service's now: closing windows must not stop it
+
+
+def encode(profile: HeapProfile) -> bytes:
+    """The gzipped profile.proto that `go tool pprof` reads."""
+    window = profile.duration_ns > 0
+    builder = ProfileBuilder(
+        sample_types=[("inuse_objects", "count"), ("inuse_space", "bytes")],
+        default_sample_type="inuse_space",
+        period_type=("space", "bytes"),
+        period=1,  # tracemalloc records every block: nothing is sampled, nothing is scaled
+        time_nanos=profile.time_ns,
+        duration_nanos=profile.duration_ns,
+        comments=_comments(profile),
+        mapping_file="python" if not window else "python (window growth)",
+    )
+    for stack, values in _largest_first(profile):
+        builder.add_sample(stack, values)
+    return builder.encode()
+
+
+def _comments(profile: HeapProfile) -> list[str]:
+    comments = [f"tracemalloc: every live block, stacks cut at {profile.frames} frames"]
+    if profile.duration_ns:
+        seconds = profile.duration_ns / 1e9
+        comments.append(f"growth over {seconds:.1f}s: in use at the end minus in use at the start")
+    return comments
+
+
+def _largest_first(profile: HeapProfile) -> list[tuple[Stack, list[int]]]:
+    return sorted(profile.stacks.items(), key=lambda item: item[1][1], reverse=True)
+
+
+def render_text(profile: HeapProfile) -> str:
+    """Go's legacy text heap format (`debug=1`), which `go tool pprof` also reads.
+
+    Header `heap profile: B: S [0: 0] @ heap_v2/1`: B blocks and S bytes in use; `[0: 0]` because
+    tracemalloc has no allocation totals (pprof then offers only in-use values); `heap_v2/1` because
+    every block is recorded, so pprof must not rescale the numbers as it does for Go's sampled ones.
+    """
+    blocks, size = profile.total()
+    lines = [f"heap profile: {blocks}: {size} [0: 0] @ heap_v2/1"]
+    for stack, (count, stack_size) in _largest_first(profile):
+        addresses = [address_of(frame) for frame in stack]
+        # Go prints return addresses (+1) on the @ line and the call site on the # lines.
+        return_addresses = " ".join(f"{address + 1:#x}" for address in addresses)
+        lines.append(f"{count}: {stack_size} [0: 0] @ {return_addresses}")
+        names = [function_of(*frame)[0] for frame in stack]
+        width = max(len(name) for name in names)
+        for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
+            lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
+        lines.append("")
+    lines.extend(_memory_statistics(profile))
+    return "\n".join(lines) + "\n"
+
+
+def _memory_statistics(profile: HeapProfile) -> list[str]:
+    """The footer: Python's counterpart of Go's `# runtime.MemStats`, only numbers we measure."""
+    traced, peak = tracemalloc.get_traced_memory()
+    stats = [
+        "# python.MemStats",
+        f"# Tracing = {tracemalloc.is_tracing()}",
+        f"# TracebackLimit = {profile.frames}",
+        f"# TracedBytes = {traced}",
+        f"# PeakTracedBytes = {peak}",
+        f"# TracemallocOverheadBytes = {tracemalloc.get_tracemalloc_memory()}",
+    ]
+    if profile.duration_ns:
+        stats.append(f"# WindowSeconds = {profile.duration_ns / 1e9:.3f}")
+    rss = _resident_bytes()
+    if rss is not None:
+        stats.append(f"# RSS = {rss}")
+    gc_stats = gc.get_stats()
+    stats.append(f"# GCCollections = {[s['collections'] for s in gc_stats]}")
+    stats.append(f"# GCCollected = {[s['collected'] for s in gc_stats]}")
+    stats.append(f"# GCUncollectable = {[s['uncollectable'] for s in gc_stats]}")
+    return stats
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,137 @@
+"""Building a pprof profile (profile.proto) from Python stacks, and encoding it gzipped.
+
+A stack is a tuple of frames, leaf first; a frame is `(filename, lineno)` as tracemalloc gives it.
+Each distinct frame becomes one Location with one Line, pointing at the Function that contains it
+(named `module.Class.method` by `symbolize`). The single Mapping says functions, file names and line
+numbers are all present, so pprof never tries to symbolize addresses of its own.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Sequence
+
+from app.pprof.protobuf import ProtoWriter
+from app.pprof.symbolize import Frame, address_of, function_of
+
+# profile.proto field numbers.
+_PROFILE_SAMPLE_TYPE, _PROFILE_SAMPLE, _PROFILE_MAPPING, _PROFILE_LOCATION = 1, 2, 3, 4
+_PROFILE_FUNCTION, _PROFILE_STRING_TABLE = 5, 6
+_PROFILE_TIME_NANOS, _PROFILE_DURATION_NANOS, _PROFILE_PERIOD_TYPE, _PROFILE_PERIOD = 9, 10, 11, 12
+_PROFILE_COMMENT, _PROFILE_DEFAULT_SAMPLE_TYPE = 13, 14
+_VALUE_TYPE_TYPE, _VALUE_TYPE_UNIT = 1, 2
+_SAMPLE_LOCATION_ID, _SAMPLE_VALUE = 1, 2
+_MAPPING_ID, _MAPPING_FILENAME = 1, 5
+_MAPPING_HAS_FUNCTIONS, _MAPPING_HAS_FILENAMES, _MAPPING_HAS_LINE_NUMBERS = 7, 8, 9
+_LOCATION_ID, _LOCATION_MAPPING_ID, _LOCATION_ADDRESS, _LOCATION_LINE = 1, 2, 3, 4
+_LINE_FUNCTION_ID, _LINE_LINE = 1, 2
+_FUNCTION_ID, _FUNCTION_NAME, _FUNCTION_SYSTEM_NAME = 1, 2, 3
+_FUNCTION_FILENAME, _FUNCTION_START_LINE = 4, 5
+
+_MAPPING_ID_PYTHON = 1
+
+
+class ProfileBuilder:
+    """Collects samples and writes one profile.proto message."""
+
+    def __init__(
+        self,
+        sample_types: Sequence[tuple[str, str]],
+        period_type: tuple[str, str],
+        period: int,
+        default_sample_type: str = "",
+        time_nanos: int = 0,
+        duration_nanos: int = 0,
+        comments: Sequence[str] = (),
+        mapping_file: str = "python",
+    ) -> None:
+        self._strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
+        self._functions = ProtoWriter()
+        self._function_ids: dict[tuple[str, str], int] = {}
+        self._locations = ProtoWriter()
+        self._location_ids: dict[Frame, int] = {}
+        self._samples = ProtoWriter()
+        self._header = ProtoWriter()
+        for type_, unit in sample_types:
+            self._header.message(_PROFILE_SAMPLE_TYPE, self._value_type(type_, unit))
+        self._footer = ProtoWriter()
+        self._footer.integer(_PROFILE_TIME_NANOS, time_nanos)
+        self._footer.integer(_PROFILE_DURATION_NANOS, duration_nanos)
+        self._footer.message(_PROFILE_PERIOD_TYPE, self._value_type(*period_type))
+        self._footer.integer(_PROFILE_PERIOD, period)
+        self._footer.integers(_PROFILE_COMMENT, [self._string(c) for c in comments])
+        self._footer.integer(_PROFILE_DEFAULT_SAMPLE_TYPE, self._string(default_sample_type))
+        mapping = ProtoWriter()
+        mapping.integer(_MAPPING_ID, _MAPPING_ID_PYTHON)
+        mapping.integer(_MAPPING_FILENAME, self._string(mapping_file))
+        mapping.integer(_MAPPING_HAS_FUNCTIONS, 1)
+        mapping.integer(_MAPPING_HAS_FILENAMES, 1)
+        mapping.integer(_MAPPING_HAS_LINE_NUMBERS, 1)
+        self._footer.message(_PROFILE_MAPPING, mapping)
+
+    def _string(self, value: str) -> int:
+        index = self._strings.get(value)
+        if index is None:
+            index = self._strings[value] = len(self._strings)
+        return index
+
+    def _value_type(self, type_: str, unit: str) -> ProtoWriter:
+        value_type = ProtoWriter()
+        value_type.integer(_VALUE_TYPE_TYPE, self._string(type_))
+        value_type.integer(_VALUE_TYPE_UNIT, self._string(unit))
+        return value_type
+
+    def _function_id(self, name: str, filename: str, start_line: int) -> int:
+        key = (name, filename)
+        function_id = self._function_ids.get(key)
+        if function_id is None:
+            function_id = self._function_ids[key] = len(self._function_ids) + 1
+            function = ProtoWriter()
+            function.integer(_FUNCTION_ID, function_id)
+            function.integer(_FUNCTION_NAME, self._string(name))
+            function.integer(_FUNCTION_SYSTEM_NAME, self._string(name))
+            function.integer(_FUNCTION_FILENAME, self._string(filename))
+            function.integer(_FUNCTION_START_LINE, start_line)
+            self._functions.message(_PROFILE_FUNCTION, function)
+        return function_id
+
+    def location_id(self, frame: Frame) -> int:
+        location_id = self._location_ids.get(frame)
+        if location_id is None:
+            location_id = self._location_ids[frame] = len(self._location_ids) + 1
+            filename, lineno = frame
+            name, start_line = function_of(filename, lineno)
+            line = ProtoWriter()
+            line.integer(_LINE_FUNCTION_ID, self._function_id(name, filename, start_line))
+            line.integer(_LINE_LINE, lineno)
+            location = ProtoWriter()
+            location.integer(_LOCATION_ID, location_id)
+            location.integer(_LOCATION_MAPPING_ID, _MAPPING_ID_PYTHON)
+            location.integer(_LOCATION_ADDRESS, address_of(frame))
+            location.message(_LOCATION_LINE, line)
+            self._locations.message(_PROFILE_LOCATION, location)
+        return location_id
+
+    def add_sample(self, stack: Sequence[Frame], values: Sequence[int]) -> None:
+        """Add one sample; `stack` is leaf first, as profile.proto wants location_id[0]."""
+        sample = ProtoWriter()
+        sample.integers(_SAMPLE_LOCATION_ID, [self.location_id(frame) for frame in stack])
+        sample.integers(_SAMPLE_VALUE, values)
+        self._samples.message(_PROFILE_SAMPLE, sample)
+
+    def encode(self) -> bytes:
+        """The gzipped profile.proto bytes that `go tool pprof` reads."""
+        strings = ProtoWriter()
+        for value in self._strings:  # dicts keep insertion order: the index order
+            strings.string(_PROFILE_STRING_TABLE, value)
+        body = b"".join(
+            (
+                self._header.data,
+                self._samples.data,
+                self._locations.data,
+                self._functions.data,
+                strings.data,
+                self._footer.data,
+            )
+        )
+        return gzip.compress(body, compresslevel=1)

@@ -1,0 +1,147 @@
+"""Naming Python frames the way pprof names Go functions.
+
+tracemalloc keeps only `(filename, lineno)`. pprof wants a function: its name, file and first line.
+We load each file's code objects once (from its .pyc when it is current, else by compiling the
+source), find the innermost code object that runs the line, and name it `module.co_qualname`, e.g.
+`opentelemetry.metrics._internal._ProxyMeter.create_histogram`. Lines outside any function belong
+to `module.<module>`, as in Python's own tracebacks; frames without source are named after their
+file, without the angle brackets that pprof would take for C++ templates (`<frozen os>` becomes
+`frozen os`).
+
+Reading .pyc files instead of parsing source matters: this runs while tracemalloc traces every
+allocation, and unmarshalling code allocates an order of magnitude less than `ast.parse`.
+
+Every frame also gets a stable fake address, so that Go's legacy text formats (`@ 0x...` lines) and
+the `symbol` endpoint can refer to it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import linecache
+import marshal
+import os
+import sys
+import threading
+from types import CodeType
+
+Frame = tuple[str, int]  # (filename, lineno), as tracemalloc and tracebacks give it
+Function = tuple[str, int]  # (qualified name, first line)
+
+
+class _SourceFile:
+    """The code objects of one file, innermost looked up per line and remembered."""
+
+    def __init__(self, filename: str) -> None:
+        self.module = module_name(filename)
+        code = _load_code(filename)
+        self.codes: list[CodeType] = []  # sorted by first line, outer before inner on ties
+        pending = [code] if code is not None else []
+        while pending:
+            current = pending.pop()
+            self.codes.append(current)
+            pending.extend(c for c in current.co_consts if isinstance(c, CodeType))
+        self.codes.sort(key=lambda c: c.co_firstlineno)
+        self.lines_of: dict[CodeType, frozenset[int]] = {}
+        self.functions: dict[int, Function] = {}
+
+    def function_at(self, lineno: int) -> Function:
+        function = self.functions.get(lineno)
+        if function is None:
+            function = self.functions[lineno] = self._innermost(lineno)
+        return function
+
+    def _innermost(self, lineno: int) -> Function:
+        for code in reversed(self.codes):  # nearest first line first: the innermost candidate
+            if code.co_firstlineno > lineno:
+                continue
+            lines = self.lines_of.get(code)
+            if lines is None:
+                lines = self.lines_of[code] = frozenset(line for _, _, line in code.co_lines())
+            if lineno in lines:
+                return f"{self.module}.{code.co_qualname}", code.co_firstlineno
+        return self.module, 0
+
+
+def _load_code(filename: str) -> CodeType | None:
+    """The module's code object: its current .pyc if there is one, else compiled from source."""
+    if filename.startswith("<"):
+        return None
+    try:
+        source_stat = os.stat(filename)
+        with open(importlib.util.cache_from_source(filename), "rb") as pyc:
+            header = pyc.read(16)
+            flags = int.from_bytes(header[4:8], "little")
+            mtime = int.from_bytes(header[8:12], "little")
+            size = int.from_bytes(header[12:16], "little")
+            if (
+                header[:4] == importlib.util.MAGIC_NUMBER
+                and flags == 0  # timestamp-based: we can tell whether it matches the source
+                and mtime == int(source_stat.st_mtime) & 0xFFFFFFFF
+                and size == source_stat.st_size & 0xFFFFFFFF
+            ):
+                return marshal.loads(pyc.read())
+    except (OSError, ValueError, EOFError, TypeError, NotImplementedError):
+        pass
+    source = "".join(linecache.getlines(filename))
+    if not source:
+        return None
+    try:
+        return compile(source, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def module_name(filename: str) -> str:
+    """The dotted module name of a file: its path below the longest matching sys.path entry.
+
+    `site-packages/opentelemetry/metrics/_internal/__init__.py`: `opentelemetry.metrics._internal`
+    """
+    if filename.startswith("<"):
+        return filename.strip("<>")
+    best = ""
+    for entry in sys.path:
+        root = os.path.join(os.path.abspath(entry or os.curdir), "")
+        if filename.startswith(root) and len(root) > len(best):
+            best = root
+    relative = filename[len(best) :] if best else os.path.basename(filename)
+    module = relative.removesuffix(".py").replace(os.sep, ".")
+    return module.removesuffix(".__init__")
+
+
+_files: dict[str, _SourceFile] = {}
+_lock = threading.Lock()  # profiles are built in worker threads
+
+
+def function_of(filename: str, lineno: int) -> Function:
+    """The qualified name and first line of the function that runs `filename:lineno`."""
+    with _lock:
+        source_file = _files.get(filename)
+        if source_file is None:
+            source_file = _files[filename] = _SourceFile(filename)
+        return source_file.function_at(lineno)
+
+
+FIRST_ADDRESS = 0x400000
+ADDRESS_STEP = 0x10
+_address_by_frame: dict[Frame, int] = {}
+_frame_by_index: list[Frame] = []
+
+
+def address_of(frame: Frame) -> int:
+    """A fake program counter for `frame`: stable for the life of the process."""
+    with _lock:
+        address = _address_by_frame.get(frame)
+        if address is None:
+            address = FIRST_ADDRESS + ADDRESS_STEP * len(_frame_by_index)
+            _frame_by_index.append(frame)
+            _address_by_frame[frame] = address
+        return address
+
+
+def frame_at(address: int) -> Frame | None:
+    """The frame whose fake address range holds `address` (pprof may ask for address - 1)."""
+    index = (address - FIRST_ADDRESS) // ADDRESS_STEP
+    if address < FIRST_ADDRESS or index >= len(_frame_by_index):
+        return None
+    return _frame_by_index[index]
