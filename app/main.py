@@ -40,7 +40,7 @@ class OpenTelemetryPerRequest:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    configure_tracing(settings)
+    tracer_provider = configure_tracing(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
             # After the imports, so that startup stays fast.
             pprof.start_tracing(settings.tracemalloc_frames)
         yield
+        # Send the spans still queued: uvicorn re-raises SIGTERM after shutdown, so atexit never runs.
+        tracer_provider.shutdown()
 
     # FastAPI's native telemetry would add a second SERVER span per request.
     no_telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
