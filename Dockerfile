@@ -1,0 +1,33 @@
+# The leaker service in a container: `docker compose up` builds this (see docker-compose.yml).
+FROM python:3.11.13-slim-bookworm
+
+# PPROF_TRACEMALLOC=startup: tracemalloc runs from the start, so /debug/pprof/heap answers at once,
+# as `go tool pprof http://localhost:8080/debug/pprof/heap` does against the Go demo.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PPROF_TRACEMALLOC=startup
+
+# A numeric USER below lets a runtime check that it is not root without reading /etc/passwd.
+RUN useradd --create-home --uid 10001 leaker
+
+WORKDIR /srv/leaker
+
+# The pinned lock alone, first: this layer is reused until requirements.txt changes.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+# Then the project itself, without resolving anything more.
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip install --no-deps . && rm -rf build ./*.egg-info
+
+USER 10001
+EXPOSE 8080
+
+# slim images have no curl; urlopen raises (exit 1) on a refused connection or a non-2xx answer.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/', timeout=4)"]
+
+CMD ["leaker", "serve", "--host", "0.0.0.0", "--port", "8080"]
