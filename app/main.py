@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
             # After the imports, so that startup stays fast.
             pprof.start_tracing(settings.tracemalloc_frames)
         yield
-        # Send the spans still queued: uvicorn re-raises SIGTERM after shutdown, so atexit never runs.
+        # Send the queued spans: uvicorn re-raises SIGTERM after shutdown, so atexit never runs.
         tracer_provider.shutdown()
 
     # FastAPI's native telemetry would add a second SERVER span per request.

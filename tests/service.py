@@ -1,4 +1,4 @@
-"""Run the real service as a uvicorn subprocess on a free loopback port, for tests and benchmarks."""
+"""Run the real service as a uvicorn subprocess on a free loopback port (tests, benchmarks)."""
 
 from __future__ import annotations
 

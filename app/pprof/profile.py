@@ -9,7 +9,7 @@ numbers are all present, so pprof never tries to symbolize addresses of its own.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from app.pprof.protobuf import ProtoWriter
 from app.pprof.symbolize import Frame, address_of, function_of
@@ -20,7 +20,8 @@ _PROFILE_FUNCTION, _PROFILE_STRING_TABLE = 5, 6
 _PROFILE_TIME_NANOS, _PROFILE_DURATION_NANOS, _PROFILE_PERIOD_TYPE, _PROFILE_PERIOD = 9, 10, 11, 12
 _PROFILE_COMMENT, _PROFILE_DEFAULT_SAMPLE_TYPE = 13, 14
 _VALUE_TYPE_TYPE, _VALUE_TYPE_UNIT = 1, 2
-_SAMPLE_LOCATION_ID, _SAMPLE_VALUE = 1, 2
+_SAMPLE_LOCATION_ID, _SAMPLE_VALUE, _SAMPLE_LABEL = 1, 2, 3
+_LABEL_KEY, _LABEL_STR = 1, 2
 _MAPPING_ID, _MAPPING_FILENAME = 1, 5
 _MAPPING_HAS_FUNCTIONS, _MAPPING_HAS_FILENAMES, _MAPPING_HAS_LINE_NUMBERS = 7, 8, 9
 _LOCATION_ID, _LOCATION_MAPPING_ID, _LOCATION_ADDRESS, _LOCATION_LINE = 1, 2, 3, 4
@@ -112,11 +113,21 @@ class ProfileBuilder:
             self._locations.message(_PROFILE_LOCATION, location)
         return location_id
 
-    def add_sample(self, stack: Sequence[Frame], values: Sequence[int]) -> None:
-        """Add one sample; `stack` is leaf first, as profile.proto wants location_id[0]."""
+    def add_sample(
+        self, stack: Sequence[Frame], values: Sequence[int], labels: Mapping[str, str] = {}
+    ) -> None:
+        """Add one sample; `stack` is leaf first, as profile.proto wants location_id[0].
+
+        `labels` tag the sample (e.g. `thread`), for pprof's `-tags` and `-tagfocus`.
+        """
         sample = ProtoWriter()
         sample.integers(_SAMPLE_LOCATION_ID, [self.location_id(frame) for frame in stack])
         sample.integers(_SAMPLE_VALUE, values)
+        for key, value in labels.items():
+            label = ProtoWriter()
+            label.integer(_LABEL_KEY, self._string(key))
+            label.integer(_LABEL_STR, self._string(value))
+            sample.message(_SAMPLE_LABEL, label)
         self._samples.message(_PROFILE_SAMPLE, sample)
 
     def encode(self) -> bytes:
