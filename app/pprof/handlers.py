@@ -52,6 +52,7 @@ import asyncio
 import gc
 import html
 import os
+import re
 import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -118,12 +119,20 @@ def _text(body: str) -> Answer:
     )
 
 
+_GO_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _go_int64(value: str) -> int | None:
+    """Go's strconv.ParseInt(value, 10, 64): ASCII digits, an optional sign, in int64; else None."""
+    if not _GO_INTEGER.fullmatch(value):
+        return None
+    number = int(value)
+    return number if -(2**63) <= number < 2**63 else None
+
+
 def _int_or_zero(value: str) -> int:
     """Go's strconv.Atoi as net/http/pprof uses it for debug and gc: anything else is 0."""
-    try:
-        return int(value, 10)
-    except ValueError:
-        return 0
+    return _go_int64(value) or 0
 
 
 class PprofApp:
@@ -165,7 +174,7 @@ class PprofApp:
             answer = _error(404, "Unknown profile")
         else:
             raw_query = scope.get("query_string", b"").decode("latin-1")
-            request = Request(scope["method"], dict(parse_qsl(raw_query)), raw_query, body)
+            request = Request(scope["method"], _first_values(parse_qsl(raw_query)), raw_query, body)
             try:
                 answer = await self.handlers[name](request)
             except BadRequest as error:
@@ -176,14 +185,14 @@ class PprofApp:
         """The `seconds` parameter: absent is None; anything but 1..max is a 400, as in Go."""
         if "seconds" not in query:
             return None
-        text = query["seconds"]
-        if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        seconds = _go_int64(query["seconds"])
+        if seconds is None or seconds <= 0:
             raise BadRequest('invalid value for "seconds" - must be a positive integer')
-        if int(text) > self.max_window_seconds:
+        if seconds > self.max_window_seconds:
             raise BadRequest(
                 f'invalid value for "seconds" - must be at most {self.max_window_seconds}'
             )
-        return int(text)
+        return seconds
 
     async def heap(self, request: Request) -> Answer:
         """In-use memory by allocating stack, from tracemalloc; `seconds=N` for the growth."""
@@ -337,6 +346,14 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return None
         if not message.get("more_body", False):
             return bytes(body)
+
+
+def _first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Go's r.FormValue: the first value of a repeated parameter."""
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        query.setdefault(key, value)
+    return query
 
 
 def _route_path(scope: Scope) -> str:

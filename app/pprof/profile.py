@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Mapping, Sequence
 
-from app.pprof.protobuf import ProtoWriter
+from app.pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
 from app.pprof.symbolize import Frame, address_of, function_of
 
 # profile.proto field numbers.
@@ -60,7 +60,7 @@ class ProfileBuilder:
         self._footer.integer(_PROFILE_DURATION_NANOS, duration_nanos)
         self._footer.message(_PROFILE_PERIOD_TYPE, self._value_type(*period_type))
         self._footer.integer(_PROFILE_PERIOD, period)
-        self._footer.integers(_PROFILE_COMMENT, [self._string(c) for c in comments])
+        self._footer.packed(_PROFILE_COMMENT, [self._string(c) for c in comments])
         self._footer.integer(_PROFILE_DEFAULT_SAMPLE_TYPE, self._string(default_sample_type))
         mapping = ProtoWriter()
         mapping.integer(_MAPPING_ID, _MAPPING_ID_PYTHON)
@@ -120,15 +120,22 @@ class ProfileBuilder:
 
         `labels` tag the sample (e.g. `thread`), for pprof's `-tags` and `-tagfocus`.
         """
-        sample = ProtoWriter()
-        sample.integers(_SAMPLE_LOCATION_ID, [self.location_id(frame) for frame in stack])
-        sample.integers(_SAMPLE_VALUE, values)
-        for key, value in labels.items():
-            label = ProtoWriter()
-            label.integer(_LABEL_KEY, self._string(key))
-            label.integer(_LABEL_STR, self._string(value))
-            sample.message(_SAMPLE_LABEL, label)
-        self._samples.message(_PROFILE_SAMPLE, sample)
+        location_ids = [self.location_id(frame) for frame in stack]
+        ids_size, values_size = packed_size(location_ids), packed_size(values)
+        size = field_size(_SAMPLE_LOCATION_ID, ids_size) + field_size(_SAMPLE_VALUE, values_size)
+        label_fields = [(self._string(key), self._string(value)) for key, value in labels.items()]
+        for key_index, value_index in label_fields:
+            size += field_size(_SAMPLE_LABEL, _label_size(key_index, value_index))
+        samples = self._samples  # written in place: one sample costs one list, not six buffers
+        samples.key(_PROFILE_SAMPLE, LENGTH_DELIMITED)
+        samples.varint(size)
+        samples.packed(_SAMPLE_LOCATION_ID, location_ids, ids_size)
+        samples.packed(_SAMPLE_VALUE, values, values_size)
+        for key_index, value_index in label_fields:
+            samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
+            samples.varint(_label_size(key_index, value_index))
+            samples.integer(_LABEL_KEY, key_index)
+            samples.integer(_LABEL_STR, value_index)
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
@@ -146,3 +153,8 @@ class ProfileBuilder:
             )
         )
         return gzip.compress(body, compresslevel=1)
+
+
+def _label_size(key_index: int, value_index: int) -> int:
+    """The payload size of a Label with a key and a string value; index 0 ("") is not written."""
+    return sum(1 + varint_size(index) for index in (key_index, value_index) if index)

@@ -1,22 +1,40 @@
 """A minimal protocol buffer writer: just what profile.proto needs, no dependencies.
 
-Like Go's runtime/pprof/protobuf.go: fields are appended to one bytearray; a nested message is
-written into a fresh writer and then copied in with its length in front.
+Like Go's runtime/pprof/protobuf.go, fields are appended to one growing buffer. Profiles are built
+while tracemalloc traces every allocation, and a traced allocation costs many times an untraced
+one, so the writer allocates as little as it can: varints go straight into the buffer, and a nested
+message's length is computed before its fields are written rather than by encoding it twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
-_VARINT = 0
-_LENGTH_DELIMITED = 2
+VARINT = 0
+LENGTH_DELIMITED = 2
+
+
+def varint_size(value: int) -> int:
+    """How many bytes `value` takes as a varint (negative int64s take ten)."""
+    if value < 0:
+        return 10
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def packed_size(values: Sequence[int]) -> int:
+    return sum(map(varint_size, values))
+
+
+def field_size(field: int, payload_size: int) -> int:
+    """The size of a length-delimited field whose payload is `payload_size` bytes."""
+    return varint_size(field << 3 | LENGTH_DELIMITED) + varint_size(payload_size) + payload_size
 
 
 class ProtoWriter:
     def __init__(self) -> None:
         self.data = bytearray()
 
-    def _varint(self, value: int) -> None:
+    def varint(self, value: int) -> None:
         if value < 0:
             value += 1 << 64  # int64 negatives travel as their two's complement
         data = self.data
@@ -25,26 +43,27 @@ class ProtoWriter:
             value >>= 7
         data.append(value)
 
-    def _key(self, field: int, wire_type: int) -> None:
-        self._varint(field << 3 | wire_type)
+    def key(self, field: int, wire_type: int) -> None:
+        self.varint(field << 3 | wire_type)
 
     def integer(self, field: int, value: int) -> None:
         """An int64, uint64 or bool field; zero is the default and is not written."""
         if value:
-            self._key(field, _VARINT)
-            self._varint(value)
+            self.key(field, VARINT)
+            self.varint(value)
 
-    def integers(self, field: int, values: Iterable[int]) -> None:
+    def packed(self, field: int, values: Sequence[int], size: int | None = None) -> None:
         """A repeated integer field, packed (as proto3 does by default)."""
-        packed = ProtoWriter()
+        if not values:
+            return
+        self.key(field, LENGTH_DELIMITED)
+        self.varint(packed_size(values) if size is None else size)
         for value in values:
-            packed._varint(value)
-        if packed.data:
-            self.bytes(field, packed.data)
+            self.varint(value)
 
     def bytes(self, field: int, value: bytes | bytearray) -> None:
-        self._key(field, _LENGTH_DELIMITED)
-        self._varint(len(value))
+        self.key(field, LENGTH_DELIMITED)
+        self.varint(len(value))
         self.data += value
 
     def string(self, field: int, value: str) -> None:
