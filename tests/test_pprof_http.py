@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from app.pprof import PprofApp, heap, start_tracing
+from app.pprof import PprofApp, start_tracing
 from tests.pprof_decode import decode, invariant_violations, samples
 from tests.service import running_service
 
@@ -103,16 +103,16 @@ def tracing(not_tracing: None) -> None:
 
 @pytest.fixture
 def captures(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """When each heap capture finished: a window's first capture is its start."""
+    """When each heap window's starting point was fixed (the profile is built in a child)."""
     finished: list[float] = []
-    real_capture = heap.capture
+    real_window_start = PprofApp._window_start
 
-    def capture() -> heap.HeapProfile:
-        profile = real_capture()
+    async def window_start(self: PprofApp, traced_before: bool) -> bytes:
+        start = await real_window_start(self, traced_before)
         finished.append(time.monotonic())
-        return profile
+        return start
 
-    monkeypatch.setattr(heap, "capture", capture)
+    monkeypatch.setattr(PprofApp, "_window_start", window_start)
     return finished
 
 
@@ -403,7 +403,7 @@ def test_tracing_started_by_the_service_stays_on_after_windows(captures: list[fl
             tracemalloc.stop()
             # Started while a window (which turned tracing on) is open.
             window = asyncio.create_task(client.get("/debug/pprof/heap?seconds=1"))
-            await until(lambda: len(captures) == 3)
+            await until(lambda: len(captures) == 2)
             start_tracing(4)
             assert (await window).status_code == 200
             assert tracemalloc.is_tracing()

@@ -16,8 +16,10 @@ then, from a machine with Go (or the standalone `pprof`):
 The endpoints, as in Go:
     heap       Live memory by allocating stack, from tracemalloc (see below).
     goroutine  Every thread's stack and every pending asyncio task's, of every event loop in the
-               process: Python's goroutines. Tasks that never finish are the async leak; in
-               `go tool pprof -top -cum` the function they wait in rises with their number.
+               process: Python's goroutines. Tasks that never finish are the async leak. As in
+               Go, where parked goroutines sit in runtime.gopark, `-top` shows where they wait
+               (asyncio.tasks.sleep, asyncio.queues.Queue.get...); `-top -cum`, or `-top
+               -hide='^asyncio\.'`, shows whose tasks they are.
                debug=1: a count per stack, in Go's text; debug=2: every thread and task in full.
                seconds=N: the growth over N seconds (a profile; not with debug, as in Go).
     profile    CPU profile over seconds=N (default 30), sampled at 100 Hz of CPU time, each sample
@@ -57,9 +59,10 @@ import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import parse_qsl
 
-from app.pprof import cpu, goroutine, heap
+from app.pprof import cpu, forked, goroutine, heap
 from app.pprof.symbolize import frame_at, function_of
 
 Scope = dict  # ASGI's scope, receive and send, without importing a framework for their types
@@ -202,18 +205,25 @@ class PprofApp:
             seconds = self.default_window_seconds
         if _int_or_zero(query.get("gc", "")) > 0:
             gc.collect()
+        debug = _int_or_zero(query.get("debug", ""))
         if seconds is None:
-            profile = await asyncio.to_thread(heap.capture)
+            built = await asyncio.to_thread(forked.run, partial(heap.build, debug=debug))
         else:
-            with heap.tracing_window(self.frames):
-                start = await asyncio.to_thread(heap.capture)
+            with heap.tracing_window(self.frames) as traced_before:
+                start = await self._window_start(traced_before)
                 await asyncio.sleep(seconds)
                 if _int_or_zero(query.get("gc", "")) > 0:
                     gc.collect()
-                profile = (await asyncio.to_thread(heap.capture)).minus(start)
-        if _int_or_zero(query.get("debug", "")) > 0:
-            return _text(await asyncio.to_thread(heap.render_text, profile))
-        return _profile("heap", await asyncio.to_thread(heap.encode, profile))
+                work = partial(heap.build, debug=debug, start=start)
+                built = await asyncio.to_thread(forked.run, work)
+        payload = heap.open_answer(built)
+        return _text(payload.decode()) if debug > 0 else _profile("heap", payload)
+
+    async def _window_start(self, traced_before: bool) -> bytes:
+        """What is in use as a heap window opens; nothing yet if the window just started tracing."""
+        if not traced_before:
+            return heap.HeapProfile({}, self.frames).to_bytes()
+        return await asyncio.to_thread(forked.run, _heap_snapshot)
 
     async def goroutine(self, request: Request) -> Answer:
         """Every thread and pending asyncio task by stack; `seconds=N` for the growth."""
@@ -354,6 +364,10 @@ def _first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
     for key, value in pairs:
         query.setdefault(key, value)
     return query
+
+
+def _heap_snapshot(in_child: bool) -> bytes:
+    return heap.capture(stop_tracing=in_child).to_bytes()
 
 
 def _route_path(scope: Scope) -> str:

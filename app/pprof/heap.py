@@ -13,6 +13,7 @@ Two ways to trace:
 from __future__ import annotations
 
 import gc
+import marshal
 import os
 import time
 import tracemalloc
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame, address_of, function_of
+from app.pprof.symbolize import Frame, address_of, addressed_frames, function_of, remember
 
 Stack = tuple[Frame, ...]  # leaf first, as tracemalloc gives it
 
@@ -37,6 +38,7 @@ class HeapProfile:
     frames: int  # tracemalloc's depth: stacks deeper than this are cut
     time_ns: int = field(default_factory=time.time_ns)
     duration_ns: int = 0  # 0: a snapshot of what is in use now; else a window's growth
+    statistics: list[str] = field(default_factory=list)  # the debug=1 footer, read at capture
 
     def minus(self, earlier: HeapProfile) -> HeapProfile:
         """The growth since `earlier`, by stack, like Go's delta profiles."""
@@ -46,26 +48,41 @@ class HeapProfile:
             values[0] -= blocks
             values[1] -= size
         growth = {stack: values for stack, values in stacks.items() if values != [0, 0]}
-        return HeapProfile(growth, self.frames, earlier.time_ns, self.time_ns - earlier.time_ns)
+        duration_ns = self.time_ns - earlier.time_ns
+        statistics = [*self.statistics, f"# WindowSeconds = {duration_ns / 1e9:.3f}"]
+        return HeapProfile(growth, self.frames, earlier.time_ns, duration_ns, statistics)
 
     def total(self) -> tuple[int, int]:
         return sum(v[0] for v in self.stacks.values()), sum(v[1] for v in self.stacks.values())
+
+    def to_bytes(self) -> bytes:
+        return marshal.dumps((self.stacks, self.frames, self.time_ns, self.statistics))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HeapProfile:
+        stacks, frames, time_ns, statistics = marshal.loads(data)
+        return cls(stacks, frames, time_ns, 0, statistics)
 
 
 def _is_own(stack: Stack) -> bool:
     return any(filename.startswith(_OWN_FILES) for filename, _ in stack)
 
 
-def capture() -> HeapProfile:
+def capture(stop_tracing: bool = False) -> HeapProfile:
     """What is in use now, grouped by allocating stack. Empty when tracemalloc is not tracing.
 
-    This runs over every live block, so it is written to allocate almost nothing per block: each
-    allocation made while tracing is itself traced, which costs many times the allocation.
+    `stop_tracing` is for a forked child (see `forked`): once the traces are read, the child stops
+    its own copy of tracemalloc, so that everything after runs untraced, at full speed. Without it
+    the loop below must allocate almost nothing per block: each allocation would itself be traced.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a full collection in the middle would scan the million tuples we just made
     try:
+        statistics = _memory_statistics()
+        frames = tracemalloc.get_traceback_limit()
         traces = tracemalloc._get_traces()  # what take_snapshot() uses, without the Snapshot
+        if stop_tracing:
+            tracemalloc.stop()
         sizes_by_stack: dict[Stack, list[int]] = {}
         for _domain, size, stack, _depth in traces:
             sizes = sizes_by_stack.get(stack)
@@ -81,7 +98,25 @@ def capture() -> HeapProfile:
         for stack, sizes in sizes_by_stack.items()
         if not _is_own(stack)
     }
-    return HeapProfile(stacks, tracemalloc.get_traceback_limit())
+    return HeapProfile(stacks, frames, statistics=statistics)
+
+
+def build(in_child: bool, debug: int, start: bytes | None = None) -> bytes:
+    """Capture, subtract the window's `start` (`HeapProfile.to_bytes`), and encode: the work
+    that `forked.run` does in a child. Returns what `open_answer` unpacks in the parent."""
+    named_before = len(addressed_frames())
+    profile = capture(stop_tracing=in_child)
+    if start is not None:
+        profile = profile.minus(HeapProfile.from_bytes(start))
+    payload = render_text(profile).encode() if debug > 0 else encode(profile)
+    return marshal.dumps((payload, addressed_frames()[named_before:]))
+
+
+def open_answer(built: bytes) -> bytes:
+    """The profile bytes from `build`; frames named in the child become known to `symbol`."""
+    payload, frames = marshal.loads(built)
+    remember(frames)
+    return payload
 
 
 _open_windows = 0
@@ -89,15 +124,19 @@ _started_by_windows = False
 
 
 @contextmanager
-def tracing_window(frames: int) -> Iterator[None]:
-    """Traces while open; the last window to close stops tracing, if a window started it."""
+def tracing_window(frames: int) -> Iterator[bool]:
+    """Traces while open; the last window to close stops tracing, if a window started it.
+
+    Yields whether tracing was on already: if not, the window starts from nothing in use.
+    """
     global _open_windows, _started_by_windows
-    if not tracemalloc.is_tracing():
+    traced_before = tracemalloc.is_tracing()
+    if not traced_before:
         tracemalloc.start(frames)
         _started_by_windows = True
     _open_windows += 1
     try:
-        yield
+        yield traced_before
     finally:
         _open_windows -= 1
         if _open_windows == 0 and _started_by_windows:
@@ -162,23 +201,21 @@ def render_text(profile: HeapProfile) -> str:
         for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
             lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
         lines.append("")
-    lines.extend(_memory_statistics(profile))
+    lines.extend(profile.statistics)
     return "\n".join(lines) + "\n"
 
 
-def _memory_statistics(profile: HeapProfile) -> list[str]:
+def _memory_statistics() -> list[str]:
     """The footer: Python's counterpart of Go's `# runtime.MemStats`, only numbers we measure."""
     traced, peak = tracemalloc.get_traced_memory()
     stats = [
         "# python.MemStats",
         f"# Tracing = {tracemalloc.is_tracing()}",
-        f"# TracebackLimit = {profile.frames}",
+        f"# TracebackLimit = {tracemalloc.get_traceback_limit()}",
         f"# TracedBytes = {traced}",
         f"# PeakTracedBytes = {peak}",
         f"# TracemallocOverheadBytes = {tracemalloc.get_tracemalloc_memory()}",
     ]
-    if profile.duration_ns:
-        stats.append(f"# WindowSeconds = {profile.duration_ns / 1e9:.3f}")
     rss = _resident_bytes()
     if rss is not None:
         stats.append(f"# RSS = {rss}")

@@ -17,12 +17,14 @@ the `symbol` endpoint can refer to it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import linecache
 import marshal
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from types import CodeType
 
 Frame = tuple[str, int]  # (filename, lineno), as tracemalloc and tracebacks give it
@@ -113,6 +115,15 @@ _files: dict[str, _SourceFile] = {}
 _lock = threading.Lock()  # profiles are built in worker threads
 
 
+def _new_lock_in_child() -> None:
+    """A forked child gets a fresh lock: another thread of the parent may have held the old one."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def function_of(filename: str, lineno: int) -> Function:
     """The qualified name and first line of the function that runs `filename:lineno`."""
     with _lock:
@@ -122,26 +133,35 @@ def function_of(filename: str, lineno: int) -> Function:
         return source_file.function_at(lineno)
 
 
-FIRST_ADDRESS = 0x400000
-ADDRESS_STEP = 0x10
-_address_by_frame: dict[Frame, int] = {}
-_frame_by_index: list[Frame] = []
+_frame_by_address: dict[int, Frame] = {}
 
 
 def address_of(frame: Frame) -> int:
-    """A fake program counter for `frame`: stable for the life of the process."""
-    with _lock:
-        address = _address_by_frame.get(frame)
-        if address is None:
-            address = FIRST_ADDRESS + ADDRESS_STEP * len(_frame_by_index)
-            _frame_by_index.append(frame)
-            _address_by_frame[frame] = address
-        return address
+    """A fake program counter for `frame`, derived from it alone: the same in every process.
+
+    Profiles are built in forked children (see `forked`), so the address cannot come from a
+    counter: a child's counter would not survive it. The child reports the frames it named, and
+    the parent `remember`s them for the `symbol` endpoint.
+    """
+    digest = hashlib.blake2b(
+        f"{frame[0]}:{frame[1]}".encode(errors="backslashreplace"), digest_size=5
+    )
+    address = int.from_bytes(digest.digest(), "big") << 4  # 16-aligned: pprof asks for address-1
+    _frame_by_address.setdefault(address, frame)
+    return address
+
+
+def addressed_frames() -> list[Frame]:
+    """Every frame given an address so far, oldest first."""
+    return list(_frame_by_address.values())
+
+
+def remember(frames: Iterable[Frame]) -> None:
+    """Make frames named in a forked child known to `frame_at` here."""
+    for frame in frames:
+        address_of(frame)
 
 
 def frame_at(address: int) -> Frame | None:
-    """The frame whose fake address range holds `address` (pprof may ask for address - 1)."""
-    index = (address - FIRST_ADDRESS) // ADDRESS_STEP
-    if address < FIRST_ADDRESS or index >= len(_frame_by_index):
-        return None
-    return _frame_by_index[index]
+    """The frame whose address is `address`, or just below it (pprof may ask for address - 1)."""
+    return _frame_by_address.get(address & ~0xF)

@@ -1,0 +1,61 @@
+"""Profiles are built in a forked child; without fork, or when the child fails, in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tracemalloc
+
+import pytest
+
+from app.pprof import forked
+
+
+def where_it_ran(in_child: bool) -> bytes:
+    return f"{os.getpid()} {in_child} {tracemalloc.is_tracing()}".encode()
+
+
+def test_the_work_runs_in_a_child_that_stops_only_its_own_tracing() -> None:
+    tracemalloc.start(1)
+    try:
+        pid, in_child, _ = forked.run(lambda in_child: where_it_ran(in_child)).split()
+        assert int(pid) != os.getpid() and in_child == b"True"
+        assert tracemalloc.is_tracing()  # the parent's tracing is untouched
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_answer_comes_back_whole() -> None:
+    answer = forked.run(lambda in_child: bytes(range(256)) * 40_000)
+    assert answer == bytes(range(256)) * 40_000
+
+
+def test_without_fork_the_work_runs_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "fork")
+    pid, in_child, _ = forked.run(where_it_ran).split()
+    assert int(pid) == os.getpid() and in_child == b"False"
+
+
+def test_a_failing_child_falls_back_to_running_here(caplog: pytest.LogCaptureFixture) -> None:
+    parent = os.getpid()
+
+    def fails_in_child(in_child: bool) -> bytes:
+        if os.getpid() != parent:
+            raise RuntimeError("broken child")
+        return where_it_ran(in_child)
+
+    pid, in_child, _ = forked.run(fails_in_child).split()
+    assert int(pid) == parent and in_child == b"False"
+    assert "profiling in-process" in caplog.text
+
+
+def test_a_child_that_hangs_is_killed(caplog: pytest.LogCaptureFixture) -> None:
+    parent = os.getpid()
+
+    def hangs_in_child(in_child: bool) -> bytes:
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGSTOP)  # the child never answers
+        return b"here"
+
+    assert forked.run(hangs_in_child, timeout=1) == b"here"
+    assert "took too long" in caplog.text
