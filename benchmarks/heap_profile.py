@@ -30,7 +30,11 @@ FUNCTIONS = 40
 def write_allocating_module(directory: Path) -> None:
     """A module of functions that call each other along a given path and allocate at its end."""
     lines = ["def allocate(path, kind, size):", "    return call(path, 0, kind, size)", ""]
-    lines += ["def call(path, depth, kind, size):", "    return FUNCS[path[depth]](path, depth + 1, kind, size)", ""]
+    lines += [
+        "def call(path, depth, kind, size):",
+        "    return FUNCS[path[depth]](path, depth + 1, kind, size)",
+        "",
+    ]
     for index in range(FUNCTIONS):
         lines += [
             f"def f{index}(path, depth, kind, size):",
@@ -60,8 +64,14 @@ def build_heap(blocks: int, seed: int = 1) -> list[object]:
 
 
 async def get(app: object, path: str, query: bytes = b"") -> tuple[int, bytes]:
-    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "query_string": query,
-             "headers": []}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "root_path": "",
+        "query_string": query,
+        "headers": [],
+    }
     answer: dict[str, object] = {}
     body = bytearray()
 
@@ -125,6 +135,7 @@ async def main() -> None:
     floors, endpoints, stalls, floor_stalls = [], [], [], []
     size = 0
     for round_number in range(args.rounds):
+
         async def snapshot() -> None:
             await asyncio.sleep(0)
             tracemalloc.take_snapshot()
@@ -153,9 +164,10 @@ async def main() -> None:
     print(f"| tracemalloc.take_snapshot() (floor), median warm | {floor:.3f} s |")
     print(f"| /debug/pprof/heap endpoint, median warm | {endpoint:.3f} s |")
     print(f"| ratio endpoint / floor (target <= 1.5) | {endpoint / floor:.2f} |")
-    print(f"| first profile (cold symbol cache) | {endpoints[0]:.3f} s |")
-    print(f"| longest event-loop stall during the endpoint, median warm | {statistics.median(stalls[warm]):.3f} s |")
-    print(f"| longest event-loop stall during take_snapshot() | {statistics.median(floor_stalls[warm]):.3f} s |")
+    stall, floor_stall = statistics.median(stalls[warm]), statistics.median(floor_stalls[warm])
+    print(f"| first profile (cold caches) | {endpoints[0]:.3f} s |")
+    print(f"| longest event-loop stall during the endpoint, median warm | {stall:.3f} s |")
+    print(f"| longest event-loop stall during take_snapshot() | {floor_stall:.3f} s |")
     print(f"| profile size (gzipped profile.proto) | {size:,} bytes |")
 
 
