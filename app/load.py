@@ -299,7 +299,9 @@ async def run_load(
 
     Stops after `requests` requests in total, after `duration` seconds, or, with neither, when
     cancelled; a cancelled run returns what it did. `on_progress(done, errors, elapsed)` is called
-    every `progress_interval` seconds and once at the end.
+    every `progress_interval` seconds and once at the end. The request that checks the target
+    first is not counted. Raises TargetUnreachable if that check fails, ValueError for a URL or
+    an argument it cannot use.
     """
     target = Target.from_url(url)
     if concurrency < 1:
@@ -308,6 +310,8 @@ async def run_load(
         raise ValueError(f"requests must be at least 1, not {requests}")
     if duration is not None and duration <= 0:
         raise ValueError(f"duration must be positive, not {duration}")
+    if progress_interval <= 0:
+        raise ValueError(f"progress_interval must be positive, not {progress_interval}")
     await check_target(target)
 
     load = _Load(target, requests, duration)
@@ -319,7 +323,11 @@ async def run_load(
     try:
         await asyncio.gather(*workers)
     except asyncio.CancelledError:
-        pass  # "run until cancelled": what was done so far is the result
+        # "Run until cancelled": what was done so far is the result. The cancellation is handled
+        # here, so the task is no longer marked as being cancelled (asyncio.timeout relies on it).
+        current_task = asyncio.current_task()
+        if current_task is not None:
+            current_task.uncancel()
     finally:
         for task in tasks:
             task.cancel()
