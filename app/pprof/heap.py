@@ -17,7 +17,7 @@ import marshal
 import os
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -64,6 +64,10 @@ class HeapProfile:
         return cls(stacks, frames, time_ns, 0, statistics)
 
 
+def _itself(stack: Stack) -> Stack:
+    return stack
+
+
 def _is_own(stack: Stack) -> bool:
     return any(filename.startswith(_OWN_FILES) for filename, _ in stack)
 
@@ -83,20 +87,27 @@ def capture(stop_tracing: bool = False) -> HeapProfile:
         traces = tracemalloc._get_traces()  # what take_snapshot() uses, without the Snapshot
         if stop_tracing:
             tracemalloc.stop()
-        sizes_by_stack: dict[Stack, list[int]] = {}
+        # Blocks with the same stack share one stack tuple. Untraced, its id() is the cheapest key;
+        # traced, id() would allocate an int per block, so the tuple itself is the key (hashing it
+        # reads every frame, but allocates nothing).
+        key_of: Callable[[Stack], object] = id if stop_tracing else _itself
+        sizes_by_key: dict[object, list[int]] = {}
+        stack_by_key: dict[object, Stack] = {}
         for _domain, size, stack, _depth in traces:
-            sizes = sizes_by_stack.get(stack)
+            key = key_of(stack)
+            sizes = sizes_by_key.get(key)
             if sizes is None:
-                sizes = sizes_by_stack[stack] = []
+                sizes = sizes_by_key[key] = []
+                stack_by_key[key] = stack
             sizes.append(size)
         del traces
     finally:
         if gc_was_enabled:
             gc.enable()
     stacks = {
-        stack: [len(sizes), sum(sizes)]
-        for stack, sizes in sizes_by_stack.items()
-        if not _is_own(stack)
+        stack_by_key[key]: [len(sizes), sum(sizes)]
+        for key, sizes in sizes_by_key.items()
+        if not _is_own(stack_by_key[key])
     }
     return HeapProfile(stacks, frames, statistics=statistics)
 
