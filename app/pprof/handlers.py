@@ -18,8 +18,8 @@ The endpoints, as in Go:
     goroutine  Every thread's stack and every pending asyncio task's, of every event loop in the
                process: Python's goroutines. Tasks that never finish are the async leak. As in
                Go, where parked goroutines sit in runtime.gopark, `-top` shows where they wait
-               (asyncio.tasks.sleep, asyncio.queues.Queue.get...); `-top -cum`, or `-top
-               -hide='^asyncio\.'`, shows whose tasks they are.
+               (asyncio.tasks.sleep, asyncio.queues.Queue.get...); `-top -cum`, or
+               `-top -hide=^asyncio`, shows whose tasks they are.
                debug=1: a count per stack, in Go's text; debug=2: every thread and task in full.
                seconds=N: the growth over N seconds (a profile; not with debug, as in Go).
     profile    CPU profile over seconds=N (default 30), sampled at 100 Hz of CPU time, each sample

@@ -1,0 +1,356 @@
+"""Regenerate docs/tutorial.md from a real run: every output and image in it comes from here.
+
+It takes the tutorial's own steps: runs `leaker demo` (what `make demo` runs), starts a leaky and
+a fixed service with `leaker serve`, loads both with `leaker load`, fetches /metrics, /debug/pprof/
+and the heap profiles, and runs `go tool pprof` with each flag the tutorial shows. The outputs go
+to docs/generated/, with absolute paths and times normalised so that a rerun differs only in what
+it measured; then docs/tutorial.template.md, its placeholders filled from them, becomes
+docs/tutorial.md.
+
+    make docs                                # PYTHONPATH=. .venv/bin/python scripts/make_docs.py
+    python scripts/make_docs.py --check      # exit 1 unless docs/tutorial.md is the template
+                                             # filled from docs/generated/ as committed
+
+Placeholders: `{{file:NAME}}` is docs/generated/NAME (without its last newline), `{{value:KEY}}`
+is KEY in docs/generated/values.json. Needs `go` (for `go tool pprof`) and `dot` (graphviz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+LEAKER = [sys.executable, "-m", "app.cli"]
+PLACEHOLDER = re.compile(r"\{\{(file|value):([^}]+)\}\}")
+GENERATED_LINK = re.compile(r"\]\((generated/[^)\s]+)\)")
+PPROF_TIME = re.compile(r"Time: [A-Z][a-z]{2} \d+, \d{4} at [0-9:apm]+ \(\w+\)")
+TUTORIAL_REQUESTS = 1000  # per service, in the by-hand steps
+SHOWN_URL = "http://localhost:8080"  # where the tutorial's service listens (`leaker serve`)
+LEAKY, FIXED = "leaky.heap.pb.gz", "fixed.heap.pb.gz"
+FOCUS = "-focus=OpenTelemetryMiddleware"
+STARTUP_TIMEOUT_SECONDS = 60.0
+HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
+
+
+class TemplateError(Exception):
+    """A placeholder names a file or value that is not there."""
+
+
+def render(template: str, generated: Path) -> str:
+    """The template with every placeholder replaced from the files in `generated`."""
+    values_path = generated / "values.json"
+    values = json.loads(values_path.read_text()) if values_path.exists() else {}
+
+    def fill(match: re.Match[str]) -> str:
+        kind, name = match.group(1), match.group(2).strip()
+        if kind == "file":
+            path = generated / name
+            if not path.is_file():
+                raise TemplateError(f"{match.group(0)}: there is no {path}")
+            return path.read_text().removesuffix("\n")
+        if name not in values:
+            raise TemplateError(f"{match.group(0)}: {values_path} has no {name!r}")
+        return str(values[name])
+
+    return PLACEHOLDER.sub(fill, template)
+
+
+def check(docs: Path) -> list[str]:
+    """What is wrong with the committed tutorial; empty when it is current."""
+    try:
+        rendered = render((docs / "tutorial.template.md").read_text(), docs / "generated")
+    except TemplateError as error:
+        return [str(error)]
+    problems = []
+    if rendered != (docs / "tutorial.md").read_text():
+        problems.append(
+            "docs/tutorial.md is not docs/tutorial.template.md filled from docs/generated/: "
+            "run `make docs`"
+        )
+    for link in GENERATED_LINK.findall(rendered):
+        if not (docs / link).is_file():
+            problems.append(f"docs/tutorial.md links to {link}, which does not exist")
+    return problems
+
+
+# --- Running the steps ---
+
+
+class Normalise:
+    """Replaces what differs between machines and runs in an output: paths and times."""
+
+    def __init__(self, renames: dict[Path, str]) -> None:
+        paths = sysconfig.get_paths()
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        replacements = {
+            paths["purelib"]: ".../site-packages",
+            paths["stdlib"]: f".../lib/python{version}",
+            str(ROOT): "...",
+            **{str(path): name for path, name in renames.items()},
+        }
+        # longest first: site-packages lies inside the project's .venv, temporary files in /tmp
+        self.replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
+
+    def __call__(self, text: str) -> str:
+        for path, replacement in self.replacements:
+            text = text.replace(path, replacement)
+        return PPROF_TIME.sub("Time: (removed)", text)
+
+
+def run(command: list[str], cwd: Path) -> str:
+    """The command's standard output; its standard error is shown only if it fails."""
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"make_docs: `{' '.join(command)}` exited with {done.returncode}")
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(mode: str, log_dir: Path) -> Iterator[str]:
+    """`leaker serve` as the tutorial starts it, on a free port; yields its URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "LEAK_MODE": mode,
+        "PPROF_TRACEMALLOC": "startup",
+        "OTEL_TRACES_EXPORTER": "none",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = log_dir / f"{mode}-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*LEAKER, "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"leaker serve ({mode}) did not start")
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    except Exception:
+        sys.stderr.write(f"make_docs: {log_path}:\n{log_path.read_text(errors='replace')}")
+        raise
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS) as answer:
+        return answer.read()
+
+
+def resident_memory(url: str) -> float:
+    """process_resident_memory_bytes from the service's /metrics."""
+    metrics = fetch(url + "/metrics").decode()
+    found = re.search(r"^process_resident_memory_bytes (\S+)$", metrics, re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"make_docs: {url}/metrics has no process_resident_memory_bytes")
+    return float(found.group(1))
+
+
+def heap_text_excerpt(text: str) -> str:
+    """The header and first record, then the python.MemStats footer, of a debug=1 heap profile."""
+    first_record = text.split("\n\n")[0]
+    return f"{first_record}\n\n...\n\n{text[text.index('# python.MemStats') :]}"
+
+
+def source_excerpt(path: Path, first: str, last: str) -> str:
+    """Lines of `path`, numbered, from the first one containing `first` to the next with `last`."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if first in line)
+    end = next(i for i in range(start, len(lines)) if last in lines[i])
+    return "\n".join(f"{i + 1:4d}  {lines[i]}" for i in range(start, end + 1))
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def the_demo(work: Path, generated: Path, demo_requests: int | None) -> dict[str, object]:
+    """Step 0, `make demo`: its output and chart, and its numbers as values."""
+    output = work / "leaker-demo"
+    demo_args = ["--requests", str(demo_requests)] if demo_requests else []
+    printed = run([*LEAKER, "demo", "--output", str(output), *demo_args], ROOT)
+    shown = f'make demo DEMO_ARGS="{" ".join(demo_args)}"' if demo_args else "make demo"
+    normalise = Normalise({output: "leaker-demo"})
+    (generated / "demo-output.txt").write_text(f"$ {shown}\n{normalise(printed)}")
+    shutil.copyfile(output / "memory.svg", generated / "memory.svg")
+    summary = json.loads((output / "demo.json").read_text())
+    culprit = summary["culprit"]
+    values = {"culprit": f"{culprit['file']}:{culprit['line']}", "culprit_line": culprit["line"]}
+    for mode, numbers in summary["modes"].items():
+        values[f"demo_{mode}_requests"] = f"{numbers['requests']:,}"
+        for measure in ("traced", "rss"):
+            growth = numbers[f"{measure}_growth_per_request"]
+            values[f"demo_{mode}_{measure}_growth"] = f"{round(growth):,}"
+    return values
+
+
+def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
+    """Steps 1-3: `leaker serve` in both modes, the same `leaker load` on each, then /metrics,
+    /debug/pprof/ and the heap profiles (saved in `work` for pprof)."""
+    with serving("leaky", work) as leaky_url, serving("fixed", work) as fixed_url:
+        urls = {"leaky": leaky_url, "fixed": fixed_url}
+        before = {mode: resident_memory(url) for mode, url in urls.items()}
+        loads = {
+            mode: subprocess.Popen(
+                [*LEAKER, "load", "--url", url + "/", "--requests", str(requests)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for mode, url in urls.items()
+        }
+        printed = {mode: load.communicate()[0] for mode, load in loads.items()}
+        if any(load.returncode != 0 for load in loads.values()):
+            raise SystemExit("make_docs: leaker load failed")
+        after = {mode: resident_memory(url) for mode, url in urls.items()}
+        index = fetch(leaky_url + "/debug/pprof/").decode()
+        heap_text = fetch(leaky_url + "/debug/pprof/heap?debug=1").decode()
+        (work / LEAKY).write_bytes(fetch(leaky_url + "/debug/pprof/heap"))
+        (work / FIXED).write_bytes(fetch(fixed_url + "/debug/pprof/heap"))
+
+    normalise = Normalise({work: "."})
+    command = f"leaker load --url {SHOWN_URL}/ --requests {requests}"
+    (generated / "load-output.txt").write_text(f"$ {command}\n{printed['leaky']}")
+    (generated / "pprof-index.html").write_text(index)
+    (generated / "heap-debug1-excerpt.txt").write_text(normalise(heap_text_excerpt(heap_text)))
+    header = re.match(r"heap profile: (\d+): (\d+) ", heap_text)
+    record = re.search(r"^(\d+): (\d+) \[", heap_text, re.M)
+    traced = re.search(r"^# TracedBytes = (\d+)$", heap_text, re.M)
+    assert header and record and traced, "the debug=1 heap profile changed its format"
+    values: dict[str, object] = {
+        "tutorial_requests": requests,
+        "heap_blocks": int(header.group(1)),
+        "heap_bytes": int(header.group(2)),
+        "record_blocks": int(record.group(1)),
+        "record_bytes": int(record.group(2)),
+        "traced_bytes": int(traced.group(1)),
+    }
+    for mode in urls:
+        growth = (after[mode] - before[mode]) / requests
+        values[f"{mode}_rss_before_mib"] = mib(before[mode])
+        values[f"{mode}_rss_after_mib"] = mib(after[mode])
+        values[f"{mode}_rss_growth_per_request"] = f"{round(growth):,}"
+    return values
+
+
+def with_pprof(work: Path, generated: Path) -> None:
+    """Steps 4 on: `go tool pprof` with each flag in turn, on the profiles `by_hand` saved."""
+    go = shutil.which("go")
+    assert go is not None
+    normalise = Normalise({work: "."})
+    texts = {
+        "pprof-top.txt": ["-top", "-nodecount=15", LEAKY],
+        "pprof-top-nodefraction0.txt": ["-top", "-nodefraction=0", "-nodecount=25", LEAKY],
+        "pprof-focus-lines.txt": ["-top", "-lines", FOCUS, LEAKY],
+        "pprof-list.txt": ["-list=OpenTelemetryPerRequest", LEAKY],
+        "pprof-fixed-focus.txt": ["-top", FOCUS, FIXED],
+    }
+    for name, flags in texts.items():
+        printed = run([go, "tool", "pprof", *flags], work)
+        (generated / name).write_text(normalise(f"$ go tool pprof {' '.join(flags)}\n{printed}"))
+    images = {
+        "leaky-heap.svg": ["-svg", LEAKY],
+        "leaky-heap-focus.svg": ["-svg", "-nodefraction=0", FOCUS, LEAKY],
+    }
+    for name, flags in images.items():
+        (generated / name).write_text(normalise(run([go, "tool", "pprof", *flags], work)))
+
+
+def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
+    missing = [tool for tool in ("go", "dot") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"make_docs: needs {' and '.join(missing)} on PATH (see .ci/run)")
+    generated = docs / "generated"
+    if generated.exists():
+        shutil.rmtree(generated)  # nothing stale stays behind
+    generated.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="leaker-docs-") as temporary:
+        work = Path(temporary)
+        print("make_docs: leaker demo", file=sys.stderr)
+        values = the_demo(work, generated, demo_requests)
+        print(f"make_docs: leaker serve, leaker load x {requests} (both modes)", file=sys.stderr)
+        values.update(by_hand(work, generated, requests))
+        print("make_docs: go tool pprof", file=sys.stderr)
+        with_pprof(work, generated)
+    main_py = ROOT / "app" / "main.py"
+    (generated / "leaky-wrapper.txt").write_text(
+        source_excerpt(main_py, "class OpenTelemetryPerRequest", "# the leak") + "\n"
+    )
+    (generated / "fix.txt").write_text(
+        source_excerpt(main_py, "if settings.leak_mode ==", "# the fix") + "\n"
+    )
+    (generated / "values.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    tutorial = render((docs / "tutorial.template.md").read_text(), generated)
+    (docs / "tutorial.md").write_text(tutorial)
+    print(f"make_docs: wrote {docs / 'tutorial.md'} and {generated}{os.sep}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check docs/tutorial.md")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="docs directory (default: docs/)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=TUTORIAL_REQUESTS,
+        help="requests per service in the by-hand steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--demo-requests", type=int, help="requests per service in the demo (default: its own)"
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check(args.docs)
+        for problem in problems:
+            print(f"make_docs --check: {problem}", file=sys.stderr)
+        return 1 if problems else 0
+    generate(args.docs, args.requests, args.demo_requests)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""`leaker demo` as a user runs it, and the tutorial it feeds.
+
+The demo runs for real, as a subprocess with a small load: its verdicts are checked against the
+numbers it saved, its profile reader against `go tool pprof` and an independent decoder, and
+its clean-up against signals arriving mid-run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import ProcessCollector
+
+from app import demo
+from app.demo import Culprit, Heap, HeapSample, ModeResult, Sample
+from tests import pprof_decode
+from tests.zipkin_receiver import zipkin_receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAKER = [sys.executable, "-m", "app.cli"]
+DEMO_REQUESTS = 300  # per service: ~10 s at the few tens of requests/s that tracing allows
+DEMO_TIMEOUT_SECONDS = 300
+MAIN_PY = str(ROOT / "app" / "main.py")
+OTEL_INIT = "/venv/site-packages/opentelemetry/metrics/_internal/__init__.py"
+
+
+# --- The profile reader and what it computes, on heaps with known contents ---
+
+
+def frame(function: str, filename: str = "/x.py", line: int = 1) -> tuple[str, str, int]:
+    return function, filename, line
+
+
+def varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def field(number: int, value: int | bytes) -> bytes:
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def test_read_heap_reads_unpacked_repeated_fields_and_negative_values() -> None:
+    """Go writes short repeated fields unpacked; a growth profile has negative values."""
+    strings = ["", "inuse_objects", "count", "inuse_space", "bytes", "f", "g", "/a.py"]
+    profile = b"".join(
+        [
+            field(1, field(1, 1) + field(2, 2)),  # sample_type inuse_objects/count
+            field(1, field(1, 3) + field(2, 4)),  # sample_type inuse_space/bytes
+            # a sample: location ids 1, 2 and values -3, -300, all unpacked
+            field(2, field(1, 1) + field(1, 2) + field(2, -3) + field(2, -300)),
+            field(4, field(1, 1) + field(4, field(1, 1) + field(2, 10))),  # location 1: f, line 10
+            field(4, field(1, 2) + field(4, field(1, 2) + field(2, 20))),  # location 2: g, line 20
+            field(5, field(1, 1) + field(2, 5) + field(4, 7)),  # function 1: f in /a.py
+            field(5, field(1, 2) + field(2, 6) + field(4, 7)),  # function 2: g in /a.py
+            *(field(6, text.encode()) for text in strings),
+        ]
+    )
+    heap = demo.read_heap(gzip.compress(profile))
+    assert heap.samples == [HeapSample((("f", "/a.py", 10), ("g", "/a.py", 20)), -300)]
+
+
+def test_top_functions_counts_flat_at_the_leaf_and_cum_once_per_stack() -> None:
+    heap = Heap(
+        [
+            HeapSample((frame("leaf_a"), frame("middle"), frame("root")), 100),
+            HeapSample((frame("leaf_b"), frame("middle"), frame("root")), 50),
+            # recursion: `middle` twice in one stack still counts once in its cum
+            HeapSample((frame("middle"), frame("middle"), frame("root")), 10),
+        ]
+    )
+    rows = {row.function: (row.flat, row.cum) for row in demo.top_functions(heap)}
+    assert rows == {
+        "leaf_a": (100, 100),
+        "leaf_b": (50, 50),
+        "middle": (10, 160),
+        "root": (0, 160),
+    }
+    # pprof -top's order: by flat, then by name
+    assert [row.function for row in demo.top_functions(heap)] == [
+        "leaf_a",
+        "leaf_b",
+        "middle",
+        "root",
+    ]
+    assert heap.total_bytes() == 160
+
+
+def test_format_top_drops_what_pprof_drops_and_sums_the_rest() -> None:
+    heap = Heap(
+        [
+            HeapSample((frame("big"),), 3 * 1024 * 1024),
+            HeapSample((frame("medium"),), 1024 * 1024),
+            HeapSample((frame("tiny"),), 100),  # under 0.5% of the total: dropped
+        ]
+    )
+    text = demo.format_top(heap, 10)
+    lines = text.splitlines()
+    assert lines[0] == "Showing nodes accounting for 4MB, 100% of 4MB total"
+    assert lines[1] == "Dropped 1 nodes (cum <= 0.02MB)"
+    assert lines[2] == "      flat  flat%   sum%        cum   cum%"
+    assert lines[3].split() == ["3MB", "75.00%", "75.00%", "3MB", "75.00%", "big"]
+    assert lines[4].split() == ["1MB", "25.00%", "100%", "1MB", "25.00%", "medium"]
+    assert "tiny" not in text
+
+
+def otel_sample(size: int, main_line: int | None) -> HeapSample:
+    stack = [frame("opentelemetry.metrics._internal._ProxyMeter.create_histogram", OTEL_INIT)]
+    if main_line is not None:
+        stack.append(frame("app.main.OpenTelemetryPerRequest.__call__", MAIN_PY, main_line))
+    stack.append(frame("uvicorn.protocols.http.h11_impl.RequestResponseCycle.run_asgi"))
+    return HeapSample(tuple(stack), size)
+
+
+def test_find_culprit_names_the_main_py_line_most_opentelemetry_memory_comes_from() -> None:
+    leak_line = next(
+        number
+        for number, text in enumerate(Path(MAIN_PY).read_text().splitlines(), 1)
+        if "OpenTelemetryMiddleware(self.app)" in text
+    )
+    heap = Heap(
+        [
+            otel_sample(5000, leak_line),
+            otel_sample(3000, leak_line),
+            otel_sample(2000, leak_line + 1000),  # another line: less memory
+            otel_sample(1000, None),  # OpenTelemetry, not from app/main.py
+            # from app/main.py, but not allocated inside OpenTelemetry: not counted
+            HeapSample((frame("app.main.ok", MAIN_PY, leak_line),), 99_999),
+        ]
+    )
+    culprit = demo.find_culprit(heap)
+    assert culprit is not None
+    assert (culprit.filename, culprit.line) == (MAIN_PY, leak_line)
+    assert culprit.bytes == 8000
+    assert culprit.opentelemetry_bytes == 11_000
+    assert "OpenTelemetryMiddleware(self.app)" in culprit.source
+
+
+def test_find_culprit_is_none_without_opentelemetry_memory_from_main_py() -> None:
+    assert demo.find_culprit(Heap([otel_sample(1000, None)])) is None
+    assert demo.find_culprit(Heap([])) is None
+
+
+def mode_result(mode: str, requests: int, traced_growth: int) -> ModeResult:
+    result = ModeResult(mode, 1, "http://127.0.0.1:1", requests=requests)
+    result.traced_start_bytes = 1_000_000
+    result.traced_end_bytes = 1_000_000 + traced_growth
+    result.samples = [Sample(0, 0, 50_000_000), Sample(1, requests, 50_000_000)]
+    return result
+
+
+CULPRIT = Culprit(MAIN_PY, 39, "await ...", 1000, 1000)
+
+
+@pytest.mark.parametrize(
+    ("leaky_growth", "fixed_growth", "culprit", "problem"),
+    [
+        (1000 * 1000, 0, CULPRIT, None),
+        (1000 * 1000, -5000, CULPRIT, None),  # shrinking is not growing
+        (1000 * 400, 0, CULPRIT, "less than the 500 B/request"),
+        (1000 * 1000, 1000 * 100, CULPRIT, "not under 10%"),
+        (1000 * 1000, 1000 * 99, CULPRIT, None),
+        (1000 * 1000, 0, None, "no OpenTelemetry allocation made from app/main.py"),
+    ],
+)
+def test_verdict_thresholds(
+    leaky_growth: int, fixed_growth: int, culprit: Culprit | None, problem: str | None
+) -> None:
+    results = {
+        "leaky": mode_result("leaky", 1000, leaky_growth),
+        "fixed": mode_result("fixed", 1000, fixed_growth),
+    }
+    problems = demo.verdict(results, culprit)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0]
+
+
+def test_verdict_without_requests_says_so() -> None:
+    results = {"leaky": mode_result("leaky", 0, 0), "fixed": mode_result("fixed", 1000, 0)}
+    problems = demo.verdict(results, CULPRIT)
+    assert "the leaky service served no requests" in problems
+
+
+def test_services_export_traces_only_where_the_user_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")  # not what the demo wants either
+    env = demo.service_environment("fixed", 8)
+    assert env["OTEL_TRACES_EXPORTER"] == "none"
+    assert (env["LEAK_MODE"], env["PPROF_TRACEMALLOC"]) == ("fixed", "startup")
+    assert env["PPROF_TRACEMALLOC_FRAMES"] == "8"
+    monkeypatch.setenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://zipkin:9411/api/v2/spans")
+    env = demo.service_environment("leaky", 8)
+    assert env["OTEL_TRACES_EXPORTER"] == "zipkin"
+    assert env["OTEL_SERVICE_NAME"] == "leaker-leaky"
+    # queued spans are exported before the last profile, which comes SETTLE_SECONDS later
+    assert int(env["OTEL_BSP_SCHEDULE_DELAY"]) < demo.SETTLE_SECONDS * 1000
+
+
+def test_resident_bytes_is_what_prometheus_reports_as_resident_memory() -> None:
+    metrics = {
+        sample.name: sample.value
+        for family in ProcessCollector(registry=None).collect()
+        for sample in family.samples
+    }
+    from_proc = demo.resident_bytes(os.getpid())
+    assert from_proc is not None
+    assert abs(from_proc - metrics["process_resident_memory_bytes"]) < 2**20
+    from_ps = demo._resident_bytes_from_ps(os.getpid())  # where there is no /proc
+    assert from_ps is not None and abs(from_ps - from_proc) < 2**20
+    assert demo.resident_bytes(2**22 + 12345) is None  # no such process
+
+
+# --- The demo, run for real ---
+
+
+@dataclass
+class DemoRun:
+    output: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    summary: dict[str, Any]
+
+
+def service_pids(stdout: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"Started the \w+ service: pid (\d+)", stdout)]
+
+
+def is_gone(pid: int) -> bool:
+    """Neither the process nor anything in its process group exists, not even as a zombie."""
+    for probe in (os.kill, os.killpg):
+        try:
+            probe(pid, 0)
+            return False
+        except ProcessLookupError:
+            pass
+    return True
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    output = tmp_path_factory.mktemp("demo") / "out"
+    finished = subprocess.run(
+        [*LEAKER, "demo", "--requests", str(DEMO_REQUESTS), "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_SECONDS,
+        env={**os.environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT": ""},
+    )
+    print(finished.stdout, finished.stderr)
+    summary_path = output / "demo.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return DemoRun(output, finished.returncode, finished.stdout, finished.stderr, summary)
+
+
+def test_the_demo_shows_the_leak_and_the_fix(demo_run: DemoRun) -> None:
+    assert demo_run.returncode == 0, demo_run.stdout + demo_run.stderr
+    summary = demo_run.summary
+    assert summary["story_held"] and summary["problems"] == []
+    leaky, fixed = summary["modes"]["leaky"], summary["modes"]["fixed"]
+    for numbers in (leaky, fixed):
+        assert numbers["requests"] == DEMO_REQUESTS and numbers["errors"] == 0
+        assert numbers["traced_growth_per_request"] == pytest.approx(
+            (numbers["traced_end_bytes"] - numbers["traced_start_bytes"]) / DEMO_REQUESTS
+        )
+        # memory was sampled against requests served, from 0 to all of them
+        requests_seen = [sample["requests"] for sample in numbers["samples"]]
+        assert requests_seen[0] == 0 and requests_seen[-1] == DEMO_REQUESTS
+        assert requests_seen == sorted(requests_seen) and len(requests_seen) >= 3
+    assert leaky["traced_growth_per_request"] >= 500
+    assert leaky["traced_growth_per_request"] > 10 * max(fixed["traced_growth_per_request"], 0)
+    # the table prints the same numbers
+    growth_row = next(line for line in demo_run.stdout.splitlines() if "traced growth" in line)
+    assert f"{round(leaky['traced_growth_per_request']):,} B" in growth_row
+
+
+def test_the_demo_names_the_line_that_builds_the_middleware_per_request(demo_run: DemoRun) -> None:
+    culprit = demo_run.summary["culprit"]
+    assert culprit["file"] == os.path.join("app", "main.py")
+    source_line = Path(MAIN_PY).read_text().splitlines()[culprit["line"] - 1]
+    assert "OpenTelemetryMiddleware(self.app)" in source_line
+    assert f"\n    {culprit['line']} | {source_line.strip()}\n" in demo_run.stdout
+    assert "leaky.heap.pb.gz" in demo_run.stdout
+    assert "go tool pprof -top -lines -focus=OpenTelemetryMiddleware" in demo_run.stdout
+
+
+def test_the_demo_saves_its_files(demo_run: DemoRun) -> None:
+    for name in demo_run.summary["files"] + ["demo.json"]:
+        assert (demo_run.output / name).stat().st_size > 0, name
+    root = ElementTree.parse(demo_run.output / "memory.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+    assert sorted(path.name for path in demo_run.output.iterdir()) == sorted(
+        demo_run.summary["files"] + ["demo.json"]
+    )
+
+
+def test_the_demo_leaves_no_process_behind(demo_run: DemoRun) -> None:
+    pids = service_pids(demo_run.stdout)
+    assert len(pids) == 2
+    assert pids == [demo_run.summary["modes"][mode]["pid"] for mode in ("leaky", "fixed")]
+    assert all(is_gone(pid) for pid in pids)
+
+
+def test_the_saved_profile_reads_the_same_here_as_in_an_independent_decoder(
+    demo_run: DemoRun,
+) -> None:
+    data = (demo_run.output / "leaky.heap.pb.gz").read_bytes()
+    mine = [(sample.stack, sample.bytes) for sample in demo.read_heap(data).samples]
+    theirs = [
+        (tuple((f.function, f.filename, f.line) for f in s.frames), s.values["inuse_space"])
+        for s in pprof_decode.samples(pprof_decode.decode(data))
+    ]
+    assert mine == theirs
+    total = sum(size for _, size in mine)
+    assert total == demo_run.summary["modes"]["leaky"]["traced_end_bytes"]
+
+
+def test_the_demo_prints_the_top_as_go_tool_pprof_does(
+    demo_run: DemoRun, require_tool: Callable[[str], str]
+) -> None:
+    go = require_tool("go")
+    pprof = subprocess.run(
+        [go, "tool", "pprof", "-top", f"-nodecount={demo.TOP_FUNCTIONS}", "leaky.heap.pb.gz"],
+        cwd=demo_run.output,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    theirs = pprof.stdout[pprof.stdout.index("Showing nodes accounting for") :]
+    assert theirs in demo_run.stdout
+
+
+# --- Stopping early ---
+
+
+def run_until(line_start: str, tmp_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the demo and read its output up to a line starting with `line_start`."""
+    process = subprocess.Popen(
+        [*LEAKER, "demo", "--duration", "60", "--output", str(tmp_path / "out")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(line_start):
+            return process, lines
+    process.kill()
+    pytest.fail(f"no line starting {line_start!r} in:\n{''.join(lines)}")
+
+
+@pytest.mark.parametrize(
+    ("when", "sent", "status"),
+    [
+        ("Loading both at once", signal.SIGINT, 130),
+        ("Taking the first heap profiles", signal.SIGTERM, 128 + signal.SIGTERM),
+        ("Started the fixed service", signal.SIGINT, 130),
+    ],
+)
+def test_a_signal_mid_run_stops_both_services_and_exits(
+    when: str, sent: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    process, lines = run_until(when, tmp_path)
+    time.sleep(1.0)
+    process.send_signal(sent)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stdout + stderr
+    assert f"leaker demo: {sent.name}: stopping the services." in stderr
+    pids = service_pids("".join(lines) + stdout)
+    assert len(pids) == 2
+    assert all(is_gone(pid) for pid in pids)
+
+
+def test_with_zipkin_set_both_services_send_their_traces_and_the_story_holds(
+    tmp_path: Path,
+) -> None:
+    with zipkin_receiver() as zipkin:
+        finished = subprocess.run(
+            [*LEAKER, "demo", "--requests", "200", "--output", str(tmp_path / "out")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=DEMO_TIMEOUT_SECONDS,
+            env={**os.environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin.endpoint},
+        )
+        spans = zipkin.received()
+        assert zipkin.rejected() == []
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"Traces go to Zipkin at {zipkin.endpoint}." in finished.stdout
+    services = {span["localEndpoint"]["serviceName"] for span in spans}
+    assert services == {"leaker-leaky", "leaker-fixed"}
+    server_spans = [span for span in spans if span.get("kind") == "SERVER"]
+    # every request of the load, the warm-up and the demo's own requests has a SERVER span
+    assert len(server_spans) >= 2 * 200
+
+
+def test_a_service_that_cannot_start_is_reported(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [*LEAKER, "demo", "--requests", "10", "--output", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT": "ftp://nowhere"},
+    )
+    assert finished.returncode == 2
+    assert "service exited with status" in finished.stderr
+    assert "OTEL_EXPORTER_ZIPKIN_ENDPOINT" in finished.stderr
+    assert all(is_gone(pid) for pid in service_pids(finished.stdout))
+
+
+# --- The tutorial ---
+
+
+def load_make_docs() -> Any:
+    spec = importlib.util.spec_from_file_location("make_docs", ROOT / "scripts" / "make_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tutorial_is_its_template_filled_from_the_committed_outputs() -> None:
+    make_docs = load_make_docs()
+    docs = ROOT / "docs"
+    template = (docs / "tutorial.template.md").read_text()
+    rendered = make_docs.render(template, docs / "generated")
+    assert rendered == (docs / "tutorial.md").read_text(), "run `make docs`"
+    assert "{{" not in rendered
+    assert make_docs.check(docs) == []
+    # every placeholder names something that exists; every generated file linked exists
+    for kind, name in make_docs.PLACEHOLDER.findall(template):
+        if kind == "file":
+            assert (docs / "generated" / name).is_file(), name
+    links = make_docs.GENERATED_LINK.findall(rendered)
+    assert "generated/memory.svg" in links
+    for link in links:
+        assert (docs / link).is_file(), link
+
+
+def test_the_tutorial_outputs_have_no_machine_paths_or_times() -> None:
+    generated = ROOT / "docs" / "generated"
+    for path in generated.iterdir():
+        text = path.read_text()
+        assert str(ROOT) not in text, path.name
+        assert sys.prefix not in text and "/tmp/" not in text, path.name
+        assert not re.search(r"Time: \w{3} \d", text), path.name
+
+
+def test_render_fills_placeholders_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    make_docs = load_make_docs()
+    (tmp_path / "out.txt").write_text("line one\nline two\n")
+    (tmp_path / "values.json").write_text('{"growth": "1,010"}')
+    template = "A\n{{file:out.txt}}\nB {{value:growth}} B/request\n"
+    assert make_docs.render(template, tmp_path) == "A\nline one\nline two\nB 1,010 B/request\n"
+    with pytest.raises(make_docs.TemplateError):
+        make_docs.render("{{file:missing.txt}}", tmp_path)
+    with pytest.raises(make_docs.TemplateError):
+        make_docs.render("{{value:missing}}", tmp_path)
+
+
+def test_make_docs_regenerates_every_output_the_tutorial_uses(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    """The script itself, with small loads, into a copy of docs/: dependencies may move."""
+    require_tool("go")
+    require_tool("dot")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    template = (ROOT / "docs" / "tutorial.template.md").read_text()
+    (docs / "tutorial.template.md").write_text(template)
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "scripts/make_docs.py",
+            "--docs",
+            str(docs),
+            "--requests",
+            "200",
+            "--demo-requests",
+            "200",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert finished.returncode == 0, finished.stderr
+    committed = {path.name for path in (ROOT / "docs" / "generated").iterdir()}
+    regenerated = {path.name for path in (docs / "generated").iterdir()}
+    assert regenerated == committed
+    assert load_make_docs().check(docs) == []
+    tutorial = (docs / "tutorial.md").read_text()
+    assert "OpenTelemetryMiddleware(self.app)" in tutorial
+    focus = (docs / "generated" / "pprof-focus-lines.txt").read_text()
+    assert "app.main.OpenTelemetryPerRequest.__call__ .../app/main.py:" in focus
