@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import app as app_package
 from app import chart
 from app.load import LoadResult, TargetUnreachable, run_load
+from app.settings import Settings
 
 MODES = ("leaky", "fixed")
 DEFAULT_OUTPUT = "leaker-demo"
@@ -40,9 +41,7 @@ DEFAULT_DURATION_SECONDS = 40.0
 # The services are CPU-bound (tracemalloc); a few connections keep them busy, and few in flight
 # means the load ends soon after its deadline.
 DEFAULT_CONCURRENCY = 10
-# Deep enough to reach app/main.py from an allocation inside OpenTelemetry (4 frames today);
-# tracemalloc's cost grows with depth, and at 16 the services answer half as many requests.
-DEFAULT_FRAMES = 8
+DEFAULT_FRAMES = Settings.tracemalloc_frames  # the service's own default, chosen by measurement
 WARMUP_REQUESTS = 20  # first requests build lazy state (Starlette's middleware stack, caches)
 # Requests whose response the client has read still hold spans and connections for a moment;
 # a profile taken that soon counts them as growth.

@@ -143,7 +143,7 @@ class PprofApp:
 
     def __init__(
         self,
-        frames: int = 16,
+        frames: int = 8,
         default_window_seconds: int = DEFAULT_WINDOW_SECONDS,
         max_window_seconds: int = MAX_WINDOW_SECONDS,
     ) -> None:
