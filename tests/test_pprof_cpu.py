@@ -100,7 +100,7 @@ def test_each_thread_is_charged_its_own_cpu_time() -> None:
     profile = profile_while(lambda: None, [burning])
     assert 95 <= samples_of(profile, "burner", "burn_in_thread") <= 102
     # The main thread only waited.
-    assert sum(n for (thread, _), n in profile.samples.items() if thread == "MainThread") <= 5
+    assert sum(n for (thread, _), n in profile.samples.items() if thread == "MainThread") <= 10
 
 
 def test_a_thread_asleep_in_c_is_never_charged() -> None:

@@ -30,6 +30,10 @@ from types import CodeType
 Frame = tuple[str, int]  # (filename, lineno), as tracemalloc and tracebacks give it
 Function = tuple[str, int]  # (qualified name, first line)
 
+# A line holding a comprehension also belongs to the function around it; name the function, as
+# Python 3.12 does by inlining comprehensions (PEP 709).
+_COMPREHENSIONS = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
+
 
 class _SourceFile:
     """The code objects of one file, innermost looked up per line and remembered."""
@@ -55,7 +59,7 @@ class _SourceFile:
 
     def _innermost(self, lineno: int) -> Function:
         for code in reversed(self.codes):  # nearest first line first: the innermost candidate
-            if code.co_firstlineno > lineno:
+            if code.co_firstlineno > lineno or code.co_name in _COMPREHENSIONS:
                 continue
             lines = self.lines_of.get(code)
             if lines is None:
@@ -95,12 +99,18 @@ def _load_code(filename: str) -> CodeType | None:
 
 
 def module_name(filename: str) -> str:
-    """The dotted module name of a file: its path below the longest matching sys.path entry.
+    """The dotted module name of a file: the imported module's name, else its path below the
+    longest matching sys.path entry (editable installs import from outside sys.path).
 
     `site-packages/opentelemetry/metrics/_internal/__init__.py`: `opentelemetry.metrics._internal`
     """
     if filename.startswith("<"):
         return filename.strip("<>")
+    global _module_by_file
+    if filename not in _module_by_file and len(sys.modules) != _modules_seen:
+        _module_by_file = _imported_files()
+    if filename in _module_by_file:
+        return _module_by_file[filename]
     best = ""
     for entry in sys.path:
         root = os.path.join(os.path.abspath(entry or os.curdir), "")
@@ -111,6 +121,19 @@ def module_name(filename: str) -> str:
     return module.removesuffix(".__init__")
 
 
+def _imported_files() -> dict[str, str]:
+    global _modules_seen
+    _modules_seen = len(sys.modules)
+    files = {}
+    for name, module in list(sys.modules.items()):
+        filename = getattr(module, "__file__", None)
+        if isinstance(filename, str) and name != "__main__":
+            files[filename] = name
+    return files
+
+
+_module_by_file: dict[str, str] = {}
+_modules_seen = 0
 _files: dict[str, _SourceFile] = {}
 _lock = threading.Lock()  # profiles are built in worker threads
 
