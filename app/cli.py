@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="send GET requests from keep-alive connections")
     load.add_argument("--url", required=True, help="http:// URL to request")
     load.add_argument(
-        "--concurrency", type=_positive_int, default=100, help="connections (default: %(default)s)"
+        "--concurrency", type=positive_int, default=100, help="connections (default: %(default)s)"
     )
     limit = load.add_mutually_exclusive_group()
-    limit.add_argument("--requests", type=_positive_int, help="stop after this many requests")
+    limit.add_argument("--requests", type=positive_int, help="stop after this many requests")
     limit.add_argument(
         "--duration", type=_non_negative_float, help="stop after this many seconds (0: Ctrl-C)"
     )
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import app as app_package
 from app import chart
+from app.cli import positive_int
 from app.load import LoadResult, TargetUnreachable, run_load
 from app.settings import Settings
 
@@ -73,17 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds of load (default: {DEFAULT_DURATION_SECONDS:g})",
     )
     limit.add_argument(
-        "--requests", type=_positive_int, help="requests to send to each service instead"
+        "--requests", type=positive_int, help="requests to send to each service instead"
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CONCURRENCY,
         help="connections to each service (default: %(default)s)",
     )
     parser.add_argument(
         "--frames",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_FRAMES,
         help="stack frames traced per allocation (PPROF_TRACEMALLOC_FRAMES; default: %(default)s)",
     )
@@ -100,13 +101,6 @@ def load_duration(args: argparse.Namespace) -> float | None:
     if args.requests:
         return None
     return args.duration or DEFAULT_DURATION_SECONDS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:

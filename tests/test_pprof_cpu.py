@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from app.pprof import PprofApp, cpu
 from app.pprof.symbolize import function_of
+from tests.go_pprof import run_pprof
 from tests.pprof_decode import decode, invariant_violations
 from tests.service import Service, running_service
 
@@ -147,23 +148,26 @@ def test_go_tool_pprof_reads_the_profile(
     saved = tmp_path / "profile.pb.gz"
     saved.write_bytes(encoded)
 
-    raw = pprof(go, "-raw", str(saved))
+    raw = run_pprof(go, "-raw", str(saved))
     assert "PeriodType: cpu nanoseconds" in raw
     assert "Period: 10000000" in raw
     assert re.search(r"samples/count cpu/nanoseconds", raw)
 
-    rows = top_rows(pprof(go, "-top", str(saved)))
+    rows = top_rows(run_pprof(go, "-top", str(saved)))
     leaves = {function.rsplit(".", 1)[-1]: flat_ms for flat_ms, _, function in rows}
     assert 450 <= leaves["burn_in_main"] <= 520
     assert 450 <= leaves["burn_in_thread"] <= 520
 
-    tags = pprof(go, "-tags", str(saved))
+    tags = run_pprof(go, "-tags", str(saved))
     assert re.search(r"thread: Total", tags)
-    burner_only = top_rows(pprof(go, "-top", "-tagfocus=thread=burner", str(saved)))
-    flat = {function.rsplit(".", 1)[-1]: flat for flat, _, function in burner_only if flat}
-    # Its last milliseconds may be seen only once its Python code is over.
-    assert flat.keys() <= {"burn_in_thread", "thread exited"}
-    assert flat["burn_in_thread"] >= 450
+    burner_only = top_rows(run_pprof(go, "-top", "-tagfocus=thread=burner", str(saved)))
+    flat = {function: flat for flat, _, function in burner_only if flat}
+    burner = [function for function in flat if function.endswith(".burn_in_thread")]
+    # Its last milliseconds may be seen only as the thread winds down (threading's own code) or
+    # once its Python code is over.
+    others = flat.keys() - {*burner, "thread exited"}
+    assert all(function.startswith("threading.") for function in others), others
+    assert len(burner) == 1 and flat[burner[0]] >= 450
 
 
 def test_one_profile_at_a_time_and_free_again_after() -> None:
@@ -249,14 +253,6 @@ def test_outside_the_main_thread_profiling_is_unavailable() -> None:
 # ---- HTTP ----------------------------------------------------------------------------------------
 
 
-def pprof(go: str, *arguments: str) -> str:
-    result = subprocess.run(
-        [go, "tool", "pprof", *arguments], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def top_rows(report: str) -> list[tuple[float, float, str]]:
     """(flat, cum, function) of each `go tool pprof -top` row, in milliseconds for time units."""
     scale = {"": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -334,7 +330,7 @@ def test_go_tool_pprof_profiles_the_service_over_http(
 ) -> None:
     go = require_tool("go")
     with Load(service.url + "/"):
-        report = pprof(
+        report = run_pprof(
             go, "-seconds", "2", "-top", "-nodecount=1000", service.url + "/debug/pprof/profile"
         )
     assert "Type: cpu" in report

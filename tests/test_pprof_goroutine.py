@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 
 from app.pprof import PprofApp, goroutine
 from app.pprof.symbolize import function_of
+from tests.go_pprof import run_pprof
 from tests.pprof_decode import decode, invariant_violations, samples
 from tests.service import ROOT, free_port
 
@@ -121,14 +122,6 @@ def get(url: str) -> tuple[int, bytes]:
             return answer.status, answer.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-def pprof(go: str, *arguments: str) -> str:
-    result = subprocess.run(
-        [go, "tool", "pprof", *arguments], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def top_rows(report: str) -> list[tuple[int, int, str]]:
@@ -329,7 +322,7 @@ def test_seconds_gives_the_growth_over_the_window(
     saved.write_bytes(answer.content)
     leaked = [
         row
-        for row in top_rows(pprof(go, "-top", "-cum", str(saved)))
+        for row in top_rows(run_pprof(go, "-top", "-cum", str(saved)))
         if row[2].endswith(".leaked_worker")
     ]
     assert leaked == [(0, 7, "test_pprof_goroutine.leaked_worker")]
@@ -405,20 +398,20 @@ def test_leaked_tasks_top_the_goroutine_profile_in_go_tool_pprof(
     saved = tmp_path / "goroutine.pb.gz"
     saved.write_bytes(body)
     assert invariant_violations(decode(body)) == []
-    raw = pprof(go, "-raw", str(saved))
+    raw = run_pprof(go, "-raw", str(saved))
     assert "PeriodType: goroutine count" in raw
     assert "goroutine/count" in raw
 
     # Where the tasks wait is asyncio's sleep, as Go's parked goroutines show runtime.gopark...
-    flat = top_rows(pprof(go, "-top", leaky_app_url + "/debug/pprof/goroutine"))
+    flat = top_rows(run_pprof(go, "-top", leaky_app_url + "/debug/pprof/goroutine"))
     assert flat[0][2] == "asyncio.tasks.sleep" and flat[0][0] >= LEAKED_TASKS_PER_REQUEST
     # ...and whose they are comes first once asyncio's own frames are hidden.
-    hidden = pprof(go, "-top", "-hide=^asyncio", leaky_app_url + "/debug/pprof/goroutine")
+    hidden = run_pprof(go, "-top", "-hide=^asyncio", leaky_app_url + "/debug/pprof/goroutine")
     first_flat, _, first_function = top_rows(hidden)[0]
     assert first_function.endswith(".leaked_worker")
     assert first_flat >= LEAKED_TASKS_PER_REQUEST
     # With -cum, it is the first of the service's own functions.
-    cumulative = top_rows(pprof(go, "-top", "-cum", str(saved)))
+    cumulative = top_rows(run_pprof(go, "-top", "-cum", str(saved)))
     first_own = next(row for row in cumulative if not row[2].startswith("asyncio."))
     assert first_own[2].endswith(".leaked_worker")
     assert first_own[1] >= LEAKED_TASKS_PER_REQUEST
@@ -428,7 +421,7 @@ def test_tasks_of_another_event_loop_are_in_the_profile(
     leaky_app_url: str, require_tool: Callable[[str], str]
 ) -> None:
     go = require_tool("go")
-    rows = top_rows(pprof(go, "-top", "-cum", leaky_app_url + "/debug/pprof/goroutine"))
+    rows = top_rows(run_pprof(go, "-top", "-cum", leaky_app_url + "/debug/pprof/goroutine"))
     other = [cum for _, cum, function in rows if function.endswith(".other_loop_worker")]
     assert other == [OTHER_LOOP_TASKS]
 

@@ -14,7 +14,6 @@ import concurrent.futures
 import os
 import py_compile
 import re
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -29,6 +28,7 @@ import pytest
 
 from app.pprof import heap
 from app.pprof.symbolize import function_of, module_name
+from tests.go_pprof import run_pprof
 from tests.pprof_decode import Profile, decode, invariant_violations, samples
 from tests.service import ROOT, Service, running_service
 
@@ -71,20 +71,6 @@ def leaking_line() -> int:
     ]
     assert len(matches) == 1, f"expected one leaking line in app/main.py, found {matches}"
     return matches[0]
-
-
-def run_pprof(go: str, tmp_path: Path, *arguments: str) -> str:
-    """`go tool pprof ARGUMENTS`' output; fails the test with pprof's message if it fails."""
-    result = subprocess.run(
-        [go, "tool", "pprof", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=PPROF_TIMEOUT_SECONDS,
-        # pprof keeps a copy of every profile it fetches, in $HOME/pprof unless told otherwise.
-        env={**os.environ, "PPROF_TMPDIR": str(tmp_path)},
-    )
-    assert result.returncode == 0, f"go tool pprof {' '.join(arguments)}:\n{result.stderr}"
-    return result.stdout
 
 
 @dataclass
@@ -135,9 +121,9 @@ def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeakyService]:
 
 
 def test_pprof_top_ranks_the_proxy_meter_allocations_among_the_largest(
-    leaky: LeakyService, require_tool: Callable[[str], str], tmp_path: Path
+    leaky: LeakyService, require_tool: Callable[[str], str]
 ) -> None:
-    output = run_pprof(require_tool("go"), tmp_path, "-top", "-nodecount=5", str(leaky.heap_path))
+    output = run_pprof(require_tool("go"), "-top", "-nodecount=5", str(leaky.heap_path))
     print(output)
     assert "Type: inuse_space" in output
     names = [row.name for row in top_rows(output)]
@@ -146,9 +132,9 @@ def test_pprof_top_ranks_the_proxy_meter_allocations_among_the_largest(
 
 
 def test_pprof_traces_lead_from_the_proxy_meter_to_the_per_request_wrapper(
-    leaky: LeakyService, require_tool: Callable[[str], str], tmp_path: Path
+    leaky: LeakyService, require_tool: Callable[[str], str]
 ) -> None:
-    output = run_pprof(require_tool("go"), tmp_path, "-traces", str(leaky.heap_path))
+    output = run_pprof(require_tool("go"), "-traces", str(leaky.heap_path))
     traces = [block.split("\n") for block in output.split("-----------+")[1:]]
     # A trace: its value and leaf function on the first line, then the callers, one a line.
     stacks = [[line.split()[-1] for line in trace[1:] if line.strip()] for trace in traces]
@@ -161,11 +147,10 @@ def test_pprof_traces_lead_from_the_proxy_meter_to_the_per_request_wrapper(
 
 
 def test_pprof_lines_point_at_the_line_that_builds_the_middleware_per_request(
-    leaky: LeakyService, require_tool: Callable[[str], str], tmp_path: Path
+    leaky: LeakyService, require_tool: Callable[[str], str]
 ) -> None:
     output = run_pprof(
         require_tool("go"),
-        tmp_path,
         "-top",
         "-lines",
         "-nodecount=500",
@@ -185,17 +170,17 @@ def test_pprof_renders_an_svg_graph(
 ) -> None:
     require_tool("dot")
     svg_path = tmp_path / "heap.svg"
-    run_pprof(require_tool("go"), tmp_path, "-svg", f"-output={svg_path}", str(leaky.heap_path))
+    run_pprof(require_tool("go"), "-svg", f"-output={svg_path}", str(leaky.heap_path))
     svg = svg_path.read_text()
     assert "<svg" in svg and svg.rstrip().endswith("</svg>")
     assert "create_histogram" in svg
 
 
 def test_pprof_fetches_the_profile_by_url(
-    leaky: LeakyService, require_tool: Callable[[str], str], tmp_path: Path
+    leaky: LeakyService, require_tool: Callable[[str], str]
 ) -> None:
     url = leaky.service.url + "/debug/pprof/heap"
-    output = run_pprof(require_tool("go"), tmp_path, "-top", "-nodecount=5", url)
+    output = run_pprof(require_tool("go"), "-top", "-nodecount=5", url)
     names = [row.name for row in top_rows(output)]
     assert set(names) & set(PROXY_METER_SITES), output
 
@@ -249,11 +234,11 @@ def test_legacy_text_adds_up_and_names_every_frame(leaky: LeakyService) -> None:
 
 
 def test_pprof_reads_the_legacy_text_without_rescaling(
-    leaky: LeakyService, require_tool: Callable[[str], str], tmp_path: Path
+    leaky: LeakyService, require_tool: Callable[[str], str]
 ) -> None:
     go = require_tool("go")
-    run_pprof(go, tmp_path, "-top", str(leaky.text_path))
-    raw = run_pprof(go, tmp_path, "-raw", str(leaky.text_path))
+    run_pprof(go, "-top", str(leaky.text_path))
+    raw = run_pprof(go, "-raw", str(leaky.text_path))
     lines = raw.splitlines()
     types = lines[lines.index("Samples:") + 1].split()
     # Without allocation totals pprof offers in-use values only.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 
 from app.pprof import PprofApp
 from app.pprof.handlers import MAX_SYMBOL_REQUEST_BYTES
+from tests.go_pprof import run_pprof
 from tests.service import Service, running_service
 
 SYMBOL_LINE = re.compile(r"(0x[0-9a-f]+) (.+)")  # names of frozen modules have a space
@@ -153,12 +153,7 @@ def test_the_services_cmdline_is_what_linux_says_it_was_started_with(service: Se
 
 
 def pprof_top(go: str, *arguments: str) -> str:
-    result = subprocess.run(
-        [go, "tool", "pprof", "-top", "-nodecount=1000", *arguments],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_pprof(go, "-top", "-nodecount=1000", *arguments)
 
 
 def test_go_tool_pprof_names_a_legacy_profile_through_the_symbol_endpoint(

@@ -44,6 +44,9 @@ When tracemalloc is not tracing, `heap` without `seconds` waits for a default wi
 CPU profile does) instead of answering an empty profile that would read as "no leak": the window
 turns tracing on and, when the last window closes, off again.
 
+Heap profiles are built in a forked copy of the process (see `forked`): the service keeps serving,
+stalled only for the fork, and the profiler's own allocations never land in its heap.
+
 The profiles show file paths and the shapes of the service's memory: keep these endpoints off public
 networks, or set PPROF_ENABLED=false.
 """
