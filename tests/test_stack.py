@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
-from tests.service import free_port
+from tests.service import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -277,13 +276,7 @@ def native_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeIma
                 time.sleep(0.1)
         yield NativeImage(url, port, environ)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def test_image_command_serves_ok(native_image: NativeImage) -> None:

@@ -84,7 +84,7 @@ class BadRequest(Exception):
 @dataclass
 class Request:
     method: str
-    query: dict[str, str]  # the last value of each parameter
+    query: dict[str, str]  # the first value of each parameter, as Go's FormValue
     raw_query: str  # the symbol endpoint reads addresses from it, which are not key=value pairs
     body: bytes  # read for POST only
 
