@@ -255,9 +255,10 @@ def top_functions(heap: Heap) -> list[TopRow]:
 
 
 def kept_functions(heap: Heap) -> list[TopRow]:
-    """`top_functions` without those pprof drops by default: cum at most 0.5% of the total."""
+    """`top_functions` without those pprof drops by default: cum under 0.5% of the total (pprof
+    keeps a node whose cum equals the cutoff, though it prints "Dropped ... (cum <= cutoff)")."""
     cutoff = _node_cutoff(heap.total_bytes())
-    return [row for row in top_functions(heap) if abs(row.cum) > cutoff]
+    return [row for row in top_functions(heap) if abs(row.cum) >= cutoff]
 
 
 NODE_FRACTION = 0.005  # pprof's default -nodefraction

@@ -106,6 +106,18 @@ def test_top_functions_counts_flat_at_the_leaf_and_cum_once_per_stack() -> None:
     assert heap.total_bytes() == 160
 
 
+def test_a_function_whose_cum_equals_the_cutoff_is_kept_as_pprof_keeps_it() -> None:
+    # Total 1,000 bytes: pprof's default cutoff is 0.5% of it, 5 bytes, and it drops cum < 5.
+    heap = Heap(
+        [
+            HeapSample((("big", "a.py", 1),), 991),
+            HeapSample((("at_cutoff", "a.py", 2),), 5),
+            HeapSample((("below_cutoff", "a.py", 3),), 4),
+        ]
+    )
+    assert [row.function for row in demo.kept_functions(heap)] == ["big", "at_cutoff"]
+
+
 def test_format_top_drops_what_pprof_drops_and_sums_the_rest() -> None:
     heap = Heap(
         [
