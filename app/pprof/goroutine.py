@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame, address_of, function_of
+from app.pprof.symbolize import Frame, address_of, function_of, legacy_record
 
 Stack = tuple[Frame, ...]  # leaf first
 
@@ -222,13 +222,7 @@ def render_counts(profile: GoroutineProfile) -> str:
     """
     lines = [f"goroutine profile: total {profile.total()}"]
     for stack, number in _most_first(profile):
-        addresses = [address_of(frame) for frame in stack]
-        lines.append(f"{number} @ " + " ".join(f"{address + 1:#x}" for address in addresses))
-        names = [function_of(*frame)[0] for frame in stack]
-        width = max((len(name) for name in names), default=0)
-        for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
-            lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
-        lines.append("")
+        lines += legacy_record(str(number), stack)
     return "\n".join(lines) + "\n"
 
 

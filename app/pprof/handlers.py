@@ -206,7 +206,8 @@ class PprofApp:
         seconds = self._seconds(query)
         if seconds is None and not tracemalloc.is_tracing():
             seconds = self.default_window_seconds
-        if _int_or_zero(query.get("gc", "")) > 0:
+        collect_first = _int_or_zero(query.get("gc", "")) > 0
+        if collect_first:
             gc.collect()
         debug = _int_or_zero(query.get("debug", ""))
         if seconds is None:
@@ -215,7 +216,7 @@ class PprofApp:
             with heap.tracing_window(self.frames) as traced_before:
                 start = await self._window_start(traced_before)
                 await asyncio.sleep(seconds)
-                if _int_or_zero(query.get("gc", "")) > 0:
+                if collect_first:
                     gc.collect()
                 work = partial(heap.build, debug=debug, start=start)
                 built = await asyncio.to_thread(forked.run, work)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame, address_of, addressed_frames, function_of, remember
+from app.pprof.symbolize import Frame, addressed_frames, legacy_record, remember
 
 Stack = tuple[Frame, ...]  # leaf first, as tracemalloc gives it
 
@@ -203,15 +203,7 @@ def render_text(profile: HeapProfile) -> str:
     blocks, size = profile.total()
     lines = [f"heap profile: {blocks}: {size} [0: 0] @ heap_v2/1"]
     for stack, (count, stack_size) in _largest_first(profile):
-        addresses = [address_of(frame) for frame in stack]
-        # Go prints return addresses (+1) on the @ line and the call site on the # lines.
-        return_addresses = " ".join(f"{address + 1:#x}" for address in addresses)
-        lines.append(f"{count}: {stack_size} [0: 0] @ {return_addresses}")
-        names = [function_of(*frame)[0] for frame in stack]
-        width = max(len(name) for name in names)
-        for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
-            lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
-        lines.append("")
+        lines += legacy_record(f"{count}: {stack_size} [0: 0]", stack)
     lines.extend(profile.statistics)
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ import marshal
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import CodeType
 
 Frame = tuple[str, int]  # (filename, lineno), as tracemalloc and tracebacks give it
@@ -183,6 +183,21 @@ def remember(frames: Iterable[Frame]) -> None:
     """Make frames named in a forked child known to `frame_at` here."""
     for frame in frames:
         address_of(frame)
+
+
+def legacy_record(head: str, stack: Sequence[Frame]) -> list[str]:
+    """One record of Go's legacy text profiles (`debug=1`): `HEAD @ addresses`, then a `#` line
+    per frame naming its function and file:line. As Go does, the `@` line lists return addresses
+    (one past the call) and the `#` lines the call sites; `go tool pprof` reads the `@` line and
+    asks the `symbol` endpoint for names, the `#` lines are for people."""
+    addresses = [address_of(frame) for frame in stack]
+    lines = [f"{head} @ " + " ".join(f"{address + 1:#x}" for address in addresses)]
+    names = [function_of(*frame)[0] for frame in stack]
+    width = max((len(name) for name in names), default=0)
+    for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
+        lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
+    lines.append("")
+    return lines
 
 
 def frame_at(address: int) -> Frame | None:
