@@ -14,11 +14,15 @@ RUN useradd --create-home --uid 10001 leaker
 
 WORKDIR /srv/leaker
 
-# The pinned lock alone, first: this layer is reused until requirements.txt changes.
+# The pinned lock first, without its one local line (the profiler library, installed next): this
+# layer is reused until requirements.txt changes.
 COPY requirements.txt ./
-RUN pip install -r requirements.txt
+RUN grep -v '^\./asgi-pprof$' requirements.txt > /tmp/third-party.txt \
+    && pip install -r /tmp/third-party.txt && rm /tmp/third-party.txt
 
-# Then the project itself, without resolving anything more.
+# The profiler library from its folder, then the project itself, resolving nothing more.
+COPY asgi-pprof ./asgi-pprof
+RUN pip install --no-deps ./asgi-pprof && rm -rf asgi-pprof
 COPY pyproject.toml README.md ./
 COPY app ./app
 RUN pip install --no-deps . && rm -rf build ./*.egg-info

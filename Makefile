@@ -1,17 +1,23 @@
 # Every target runs from .venv, which is built from the pinned files on first use and rebuilt
-# whenever one of them is newer than the stamp left by the last install. Scripts run with the
-# project root on PYTHONPATH, so they import `app` and `tests.service` as the tests do.
+# whenever one of them is newer than the stamp left by the last install. The profiler library
+# (asgi-pprof/) is installed from its folder, not in editable mode, as users get it: it is
+# installed again whenever one of its files changes. Scripts run with the project root on
+# PYTHONPATH, so they import `app` and `tests.service` as the tests do.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LIBRARY := asgi-pprof
+LIBRARY_STAMP := $(VENV)/.installed-$(LIBRARY)
+LIBRARY_FILES := $(shell find $(LIBRARY)/pyproject.toml $(LIBRARY)/setup.py $(LIBRARY)/src \
+	-type f -not -path '*/__pycache__/*' 2>/dev/null)
 PINNED := requirements.txt requirements-dev.txt pyproject.toml
 BENCHMARKS := $(sort $(wildcard benchmarks/*.py))
 
 .PHONY: venv demo test serve docs bench
 
-venv: $(STAMP)
+venv: $(LIBRARY_STAMP)
 
 # pip installs over an existing .venv: delete .venv to drop a package the lock no longer has.
 # Doubly quiet: errors only (pip and setuptools warn on every editable install).
@@ -19,23 +25,30 @@ $(STAMP): $(PINNED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check --no-deps -e .
-	touch $(STAMP)
+	touch $(STAMP) $(LIBRARY_STAMP)
 
-demo: $(STAMP)
+$(LIBRARY_STAMP): $(STAMP) $(LIBRARY_FILES)
+	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check --no-deps \
+		--force-reinstall ./$(LIBRARY)
+	touch $(LIBRARY_STAMP)
+
+demo: venv
 	$(BIN)/leaker demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# The library's suite runs on its own, from its folder, as it would outside this repository.
+test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+	cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)
 
-serve: $(STAMP)
+serve: venv
 	$(BIN)/leaker serve $(SERVE_ARGS)
 
-docs: $(STAMP)
+docs: venv
 	PYTHONPATH=. $(BIN)/python scripts/make_docs.py
 
-bench: $(STAMP)
+bench: venv
 	@test -n "$(BENCHMARKS)" || { echo "no benchmarks/*.py to run" >&2; exit 1; }
 	@set -e; for script in $(BENCHMARKS); do \
 		echo "== $$script"; \

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import TextIO
 
+from app.arguments import non_negative_float, positive_int
 from app.load import LoadResult, ProgressCallback, TargetUnreachable, run_load
 
 PIPED_PROGRESS_SECONDS = 5.0  # without a terminal, a progress line this often keeps logs short
@@ -40,26 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     limit = load.add_mutually_exclusive_group()
     limit.add_argument("--requests", type=positive_int, help="stop after this many requests")
     limit.add_argument(
-        "--duration", type=_non_negative_float, help="stop after this many seconds (0: Ctrl-C)"
+        "--duration", type=non_negative_float, help="stop after this many seconds (0: Ctrl-C)"
     )
 
     # The demo's options belong to app.demo, imported only when the demo runs.
     commands.add_parser("demo", help="run the leak demo (see `leaker demo --help`)", add_help=False)
     return parser
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

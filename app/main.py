@@ -24,7 +24,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import pprof
+import asgi_pprof
 from app.settings import Settings, SettingsError
 from app.tracing import configure_tracing
 
@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.pprof_enabled and settings.tracemalloc_start == "startup":
             # After the imports, so that startup stays fast.
-            pprof.start_tracing(settings.tracemalloc_frames)
+            asgi_pprof.start_tracing(settings.tracemalloc_frames)
         yield
         # Send the queued spans: uvicorn re-raises SIGTERM after shutdown, so atexit never runs.
         tracer_provider.shutdown()
@@ -66,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     if settings.pprof_enabled:
-        app.mount("/debug/pprof", pprof.PprofApp(frames=settings.tracemalloc_frames))
+        app.mount("/debug/pprof", asgi_pprof.PprofApp(frames=settings.tracemalloc_frames))
 
     if settings.leak_mode == "leaky":
         app.add_middleware(OpenTelemetryPerRequest)

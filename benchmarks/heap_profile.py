@@ -119,7 +119,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from app.pprof import PprofApp
+    from asgi_pprof import PprofApp
 
     directory = Path(tempfile.mkdtemp())
     write_allocating_module(directory)

@@ -7,7 +7,6 @@ its clean-up against signals arriving mid-run.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -25,9 +24,10 @@ from typing import Any
 import pytest
 from prometheus_client import ProcessCollector
 
-from app import demo
-from app.demo import Culprit, Heap, HeapSample, ModeResult, Sample
-from tests import pprof_decode
+from app import demo, demo_report, demo_services
+from app.demo import ModeResult
+from app.demo import Sample as RSSSample
+from asgi_pprof.reader import Line, Profile, Sample, read_profile
 from tests.zipkin_receiver import zipkin_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,150 +38,52 @@ MAIN_PY = str(ROOT / "app" / "main.py")
 OTEL_INIT = "/venv/site-packages/opentelemetry/metrics/_internal/__init__.py"
 
 
-# --- The profile reader and what it computes, on heaps with known contents ---
+MAIN_PY_LEAK = (MAIN_PY, "app.main.OpenTelemetryPerRequest.__call__")
 
 
-def frame(function: str, filename: str = "/x.py", line: int = 1) -> tuple[str, str, int]:
-    return function, filename, line
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out + bytes([value]))
-
-
-def field(number: int, value: int | bytes) -> bytes:
-    if isinstance(value, int):
-        return varint(number << 3) + varint(value)
-    return varint(number << 3 | 2) + varint(len(value)) + value
-
-
-def test_read_heap_reads_unpacked_repeated_fields_and_negative_values() -> None:
-    """Go writes short repeated fields unpacked; a growth profile has negative values."""
-    strings = ["", "inuse_objects", "count", "inuse_space", "bytes", "f", "g", "/a.py"]
-    profile = b"".join(
-        [
-            field(1, field(1, 1) + field(2, 2)),  # sample_type inuse_objects/count
-            field(1, field(1, 3) + field(2, 4)),  # sample_type inuse_space/bytes
-            # a sample: location ids 1, 2 and values -3, -300, all unpacked
-            field(2, field(1, 1) + field(1, 2) + field(2, -3) + field(2, -300)),
-            field(4, field(1, 1) + field(4, field(1, 1) + field(2, 10))),  # location 1: f, line 10
-            field(4, field(1, 2) + field(4, field(1, 2) + field(2, 20))),  # location 2: g, line 20
-            field(5, field(1, 1) + field(2, 5) + field(4, 7)),  # function 1: f in /a.py
-            field(5, field(1, 2) + field(2, 6) + field(4, 7)),  # function 2: g in /a.py
-            *(field(6, text.encode()) for text in strings),
-        ]
-    )
-    heap = demo.read_heap(gzip.compress(profile))
-    assert heap.samples == [HeapSample((("f", "/a.py", 10), ("g", "/a.py", 20)), -300)]
-
-
-def test_top_functions_counts_flat_at_the_leaf_and_cum_once_per_stack() -> None:
-    heap = Heap(
-        [
-            HeapSample((frame("leaf_a"), frame("middle"), frame("root")), 100),
-            HeapSample((frame("leaf_b"), frame("middle"), frame("root")), 50),
-            # recursion: `middle` twice in one stack still counts once in its cum
-            HeapSample((frame("middle"), frame("middle"), frame("root")), 10),
-        ]
-    )
-    rows = {row.function: (row.flat, row.cum) for row in demo.top_functions(heap)}
-    assert rows == {
-        "leaf_a": (100, 100),
-        "leaf_b": (50, 50),
-        "middle": (10, 160),
-        "root": (0, 160),
-    }
-    # pprof -top's order: by flat, then by name
-    assert [row.function for row in demo.top_functions(heap)] == [
-        "leaf_a",
-        "leaf_b",
-        "middle",
-        "root",
-    ]
-    assert heap.total_bytes() == 160
-
-
-def test_a_function_whose_cum_equals_the_cutoff_is_kept_as_pprof_keeps_it() -> None:
-    # Total 1,000 bytes: pprof's default cutoff is 0.5% of it, 5 bytes, and it drops cum < 5.
-    heap = Heap(
-        [
-            HeapSample((("big", "a.py", 1),), 991),
-            HeapSample((("at_cutoff", "a.py", 2),), 5),
-            HeapSample((("below_cutoff", "a.py", 3),), 4),
-        ]
-    )
-    assert [row.function for row in demo.kept_functions(heap)] == ["big", "at_cutoff"]
-
-
-def test_format_top_drops_what_pprof_drops_and_sums_the_rest() -> None:
-    heap = Heap(
-        [
-            HeapSample((frame("big"),), 3 * 1024 * 1024),
-            HeapSample((frame("medium"),), 1024 * 1024),
-            HeapSample((frame("tiny"),), 100),  # under 0.5% of the total: dropped
-        ]
-    )
-    text = demo.format_top(heap, 10)
-    lines = text.splitlines()
-    assert lines[0] == "Showing nodes accounting for 4MB, 100% of 4MB total"
-    assert lines[1] == "Dropped 1 nodes (cum <= 0.02MB)"
-    assert lines[2] == "      flat  flat%   sum%        cum   cum%"
-    assert lines[3].split() == ["3MB", "75.00%", "75.00%", "3MB", "75.00%", "big"]
-    assert lines[4].split() == ["1MB", "25.00%", "100%", "1MB", "25.00%", "medium"]
-    assert "tiny" not in text
-
-
-def otel_sample(size: int, main_line: int | None) -> HeapSample:
-    stack = [frame("opentelemetry.metrics._internal._ProxyMeter.create_histogram", OTEL_INIT)]
+def otel_sample(size: int, main_line: int | None) -> Sample:
+    stack = [("opentelemetry.metrics._internal._ProxyMeter.create_histogram", OTEL_INIT, 1)]
     if main_line is not None:
-        stack.append(frame("app.main.OpenTelemetryPerRequest.__call__", MAIN_PY, main_line))
-    stack.append(frame("uvicorn.protocols.http.h11_impl.RequestResponseCycle.run_asgi"))
-    return HeapSample(tuple(stack), size)
+        stack.append(("app.main.OpenTelemetryPerRequest.__call__", MAIN_PY, main_line))
+    stack.append(("uvicorn.protocols.http.h11_impl.RequestResponseCycle.run_asgi", "/x.py", 1))
+    return Sample(tuple(stack), [size])
 
 
-def test_find_culprit_names_the_main_py_line_most_opentelemetry_memory_comes_from() -> None:
+def heap_of(*samples: Sample) -> Profile:
+    return Profile([("inuse_space", "bytes")], list(samples), "inuse_space")
+
+
+def test_the_culprit_is_the_main_py_line_most_opentelemetry_memory_comes_from() -> None:
     leak_line = next(
         number
         for number, text in enumerate(Path(MAIN_PY).read_text().splitlines(), 1)
         if "OpenTelemetryMiddleware(self.app)" in text
     )
-    heap = Heap(
-        [
-            otel_sample(5000, leak_line),
-            otel_sample(3000, leak_line),
-            otel_sample(2000, leak_line + 1000),  # another line: less memory
-            otel_sample(1000, None),  # OpenTelemetry, not from app/main.py
-            # from app/main.py, but not allocated inside OpenTelemetry: not counted
-            HeapSample((frame("app.main.ok", MAIN_PY, leak_line),), 99_999),
-        ]
+    heap = heap_of(
+        otel_sample(5000, leak_line),
+        otel_sample(3000, leak_line),
+        otel_sample(2000, leak_line + 1000),  # another line: less memory
+        otel_sample(1000, None),  # OpenTelemetry, not from app/main.py
+        # from app/main.py, but not allocated inside OpenTelemetry: not counted
+        Sample((("app.main.ok", MAIN_PY, leak_line),), [99_999]),
     )
     culprit = demo.find_culprit(heap)
     assert culprit is not None
     assert (culprit.filename, culprit.line) == (MAIN_PY, leak_line)
-    assert culprit.bytes == 8000
-    assert culprit.opentelemetry_bytes == 11_000
+    assert (culprit.value, culprit.matching_value) == (8000, 11_000)
     assert "OpenTelemetryMiddleware(self.app)" in culprit.source
-
-
-def test_find_culprit_is_none_without_opentelemetry_memory_from_main_py() -> None:
-    assert demo.find_culprit(Heap([otel_sample(1000, None)])) is None
-    assert demo.find_culprit(Heap([])) is None
+    assert demo.find_culprit(heap_of(otel_sample(1000, None))) is None
 
 
 def mode_result(mode: str, requests: int, traced_growth: int) -> ModeResult:
     result = ModeResult(mode, 1, "http://127.0.0.1:1", requests=requests)
     result.traced_start_bytes = 1_000_000
     result.traced_end_bytes = 1_000_000 + traced_growth
-    result.samples = [Sample(0, 0, 50_000_000), Sample(1, requests, 50_000_000)]
+    result.samples = [RSSSample(0, 0, 50_000_000), RSSSample(1, requests, 50_000_000)]
     return result
 
 
-CULPRIT = Culprit(MAIN_PY, 39, "await ...", 1000, 1000)
+CULPRIT = Line(MAIN_PY, 39, "await ...", 1000, 1000)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +98,7 @@ CULPRIT = Culprit(MAIN_PY, 39, "await ...", 1000, 1000)
     ],
 )
 def test_verdict_thresholds(
-    leaky_growth: int, fixed_growth: int, culprit: Culprit | None, problem: str | None
+    leaky_growth: int, fixed_growth: int, culprit: Line | None, problem: str | None
 ) -> None:
     results = {
         "leaky": mode_result("leaky", 1000, leaky_growth),
@@ -220,12 +122,12 @@ def test_services_export_traces_only_where_the_user_says(
 ) -> None:
     monkeypatch.delenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", raising=False)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")  # not what the demo wants either
-    env = demo.service_environment("fixed", 8)
+    env = demo_services.service_environment("fixed", 8)
     assert env["OTEL_TRACES_EXPORTER"] == "none"
     assert (env["LEAK_MODE"], env["PPROF_TRACEMALLOC"]) == ("fixed", "startup")
     assert env["PPROF_TRACEMALLOC_FRAMES"] == "8"
     monkeypatch.setenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://zipkin:9411/api/v2/spans")
-    env = demo.service_environment("leaky", 8)
+    env = demo_services.service_environment("leaky", 8)
     assert env["OTEL_TRACES_EXPORTER"] == "zipkin"
     assert env["OTEL_SERVICE_NAME"] == "leaker-leaky"
     # queued spans are exported before the last profile, which comes SETTLE_SECONDS later
@@ -238,12 +140,12 @@ def test_resident_bytes_is_what_prometheus_reports_as_resident_memory() -> None:
         for family in ProcessCollector(registry=None).collect()
         for sample in family.samples
     }
-    from_proc = demo.resident_bytes(os.getpid())
+    from_proc = demo_services.resident_bytes(os.getpid())
     assert from_proc is not None
     assert abs(from_proc - metrics["process_resident_memory_bytes"]) < 2**20
-    from_ps = demo._resident_bytes_from_ps(os.getpid())  # where there is no /proc
+    from_ps = demo_services._resident_bytes_from_ps(os.getpid())  # where there is no /proc
     assert from_ps is not None and abs(from_ps - from_proc) < 2**20
-    assert demo.resident_bytes(2**22 + 12345) is None  # no such process
+    assert demo_services.resident_bytes(2**22 + 12345) is None  # no such process
 
 
 # --- The demo, run for real ---
@@ -339,26 +241,18 @@ def test_the_demo_leaves_no_process_behind(demo_run: DemoRun) -> None:
     assert all(is_gone(pid) for pid in pids)
 
 
-def test_the_saved_profile_reads_the_same_here_as_in_an_independent_decoder(
-    demo_run: DemoRun,
-) -> None:
+def test_the_saved_profile_holds_the_traced_heap_the_demo_reports(demo_run: DemoRun) -> None:
     data = (demo_run.output / "leaky.heap.pb.gz").read_bytes()
-    mine = [(sample.stack, sample.bytes) for sample in demo.read_heap(data).samples]
-    theirs = [
-        (tuple((f.function, f.filename, f.line) for f in s.frames), s.values["inuse_space"])
-        for s in pprof_decode.samples(pprof_decode.decode(data))
-    ]
-    assert mine == theirs
-    total = sum(size for _, size in mine)
+    total = read_profile(data).total("inuse_space")
     assert total == demo_run.summary["modes"]["leaky"]["traced_end_bytes"]
 
 
 def test_the_demo_prints_the_top_as_go_tool_pprof_does(
     demo_run: DemoRun, require_tool: Callable[[str], str]
 ) -> None:
-    go = require_tool("go")
+    go, top = require_tool("go"), demo_report.TOP_FUNCTIONS
     pprof = subprocess.run(
-        [go, "tool", "pprof", "-top", f"-nodecount={demo.TOP_FUNCTIONS}", "leaky.heap.pb.gz"],
+        [go, "tool", "pprof", "-top", f"-nodecount={top}", "leaky.heap.pb.gz"],
         cwd=demo_run.output,
         capture_output=True,
         text=True,

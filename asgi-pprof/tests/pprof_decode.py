@@ -1,7 +1,7 @@
-"""Decode pprof profiles independently of app/pprof, to check what it writes.
+"""Decode pprof profiles independently of asgi_pprof, to check what it writes.
 
 The message classes come from a FileDescriptorProto built here from the field numbers and types
-of pprof's profile.proto, read by the `protobuf` runtime: nothing is shared with app/pprof's own
+of pprof's profile.proto, read by the `protobuf` runtime: nothing is shared with asgi_pprof's own
 writer, so a mistake there cannot hide in a matching mistake here.
 """
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import gzip
 from collections.abc import Mapping, Sequence
 
-from app.pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
-from app.pprof.symbolize import Frame, address_of, function_of
+from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
+from asgi_pprof.symbolize import Frame, address_of, function_of
 
 # profile.proto field numbers.
 _PROFILE_SAMPLE_TYPE, _PROFILE_SAMPLE, _PROFILE_MAPPING, _PROFILE_LOCATION = 1, 2, 3, 4

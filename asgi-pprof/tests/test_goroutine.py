@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -29,11 +26,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from app.pprof import PprofApp, goroutine
-from app.pprof.symbolize import function_of
-from tests.go_pprof import run_pprof
-from tests.pprof_decode import decode, invariant_violations, samples
-from tests.service import ROOT, free_port
+from asgi_pprof import PprofApp, goroutine
+from asgi_pprof.symbolize import function_of
+
+from go_pprof import run_pprof
+from pprof_decode import decode, invariant_violations, samples
+from server import serving
 
 LEAKED_TASKS_PER_REQUEST = 200
 OTHER_LOOP_TASKS = 3
@@ -80,40 +78,11 @@ leaky_tasks_app = Starlette(
 )
 
 
-@contextmanager
-def running_leaky_tasks_app(tmp_path: Path) -> Iterator[str]:
-    """`leaky_tasks_app` under uvicorn in a subprocess; yields its base URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "leaky-tasks-app.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", f"{Path(__file__).stem}:leaky_tasks_app",
-             "--app-dir", str(Path(__file__).parent), "--port", str(port), "--no-access-log"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the test app exited:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/debug/pprof/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the test app did not start:\n{log_path.read_text()}")
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def leaky_app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_leaky_tasks_app(tmp_path_factory.mktemp("leaky-tasks-app")) as url:
-        yield url
+    tmp_path = tmp_path_factory.mktemp("leaky-tasks-app")
+    with serving(f"{Path(__file__).stem}:leaky_tasks_app", tmp_path) as server:
+        yield server.url
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -212,26 +181,24 @@ def test_capture_has_every_thread_and_the_tasks_of_every_loop(other_threads: Non
     assert names(blocked.stack)[:3] == [
         "threading.Condition.wait",
         "threading.Event.wait",
-        "test_pprof_goroutine.blocked_in_thread",
+        "test_goroutine.blocked_in_thread",
     ]
     tasks = [g for g in captured if g.kind == "task"]
     # Leaf first: the coroutine the task is suspended in, then the ones awaiting it.
     other_loop = [
-        g for g in tasks if names(g.stack)[1:] == ["test_pprof_goroutine.waiting_in_other_loop"]
+        g for g in tasks if names(g.stack)[1:] == ["test_goroutine.waiting_in_other_loop"]
     ]
     assert len(other_loop) == 2
     assert all(
         names(g.stack)[0] == "asyncio.tasks.sleep" and g.state == "pending" for g in other_loop
     )
-    readers = [
-        g for g in tasks if "test_pprof_goroutine.reading_an_async_generator" in names(g.stack)
-    ]
+    readers = [g for g in tasks if "test_goroutine.reading_an_async_generator" in names(g.stack)]
     assert len(readers) == 3
     assert all(
         names(g.stack) == [
             "asyncio.tasks.sleep",
-            "test_pprof_goroutine.numbers",
-            "test_pprof_goroutine.reading_an_async_generator",
+            "test_goroutine.numbers",
+            "test_goroutine.reading_an_async_generator",
         ]
         for g in readers
     )  # fmt: skip
@@ -273,7 +240,7 @@ def test_debug_1_is_gos_legacy_text_with_counts_that_add_up(other_threads: None)
     assert counts == sorted(counts, reverse=True)
     frame_line = re.compile(r"#\t0x[0-9a-f]+\t[^\t]+\t.+:\d+")
     assert all(frame_line.fullmatch(line) for line in lines if line.startswith("#"))
-    assert "test_pprof_goroutine.waiting_in_other_loop" in answer.text
+    assert "test_goroutine.waiting_in_other_loop" in answer.text
 
 
 def test_debug_2_dumps_every_thread_and_task_in_full(other_threads: None) -> None:
@@ -291,7 +258,7 @@ def test_debug_2_dumps_every_thread_and_task_in_full(other_threads: None) -> Non
             assert re.fullmatch(r"[^\t]+\(\.\.\.\)", function_line)
             assert re.fullmatch(r"\t.+:\d+", file_line)
     blocked = next(b for b in blocks if '"blocked" [running]:' in b)
-    assert "test_pprof_goroutine.blocked_in_thread(...)\n\t" + __file__ in blocked
+    assert "test_goroutine.blocked_in_thread(...)\n\t" + __file__ in blocked
 
 
 def test_seconds_gives_the_growth_over_the_window(
@@ -317,7 +284,7 @@ def test_seconds_gives_the_growth_over_the_window(
     growth = {
         s.frames[1].function: s.values["goroutine"] for s in samples(profile) if len(s.frames) > 1
     }
-    assert growth.get("test_pprof_goroutine.leaked_worker") == 7
+    assert growth.get("test_goroutine.leaked_worker") == 7
     saved = tmp_path / "goroutine-delta.pb.gz"
     saved.write_bytes(answer.content)
     leaked = [
@@ -325,7 +292,7 @@ def test_seconds_gives_the_growth_over_the_window(
         for row in top_rows(run_pprof(go, "-top", "-cum", str(saved)))
         if row[2].endswith(".leaked_worker")
     ]
-    assert leaked == [(0, 7, "test_pprof_goroutine.leaked_worker")]
+    assert leaked == [(0, 7, "test_goroutine.leaked_worker")]
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame, address_of, function_of, legacy_record
+from asgi_pprof.profile import ProfileBuilder
+from asgi_pprof.symbolize import Frame, address_of, function_of, legacy_record
 
 Stack = tuple[Frame, ...]  # leaf first
 

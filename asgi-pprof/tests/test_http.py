@@ -12,11 +12,8 @@ import gc
 import re
 import time
 import tracemalloc
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -29,9 +26,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from app.pprof import PprofApp, start_tracing
-from tests.pprof_decode import decode, invariant_violations, samples
-from tests.service import running_service
+from asgi_pprof import PprofApp, start_tracing
+
+from pprof_decode import decode, invariant_violations, samples
 
 POSITIVE_INTEGER = 'invalid value for "seconds" - must be a positive integer'
 ALLOWED_STATUSES = {200, 400, 404, 405}
@@ -468,21 +465,3 @@ def test_gc_1_collects_garbage_before_the_profile(captures: list[float], collect
         assert garbage == 0
     else:
         assert garbage >= 1000 * 56  # sizeof an empty list: the cycles are still there
-
-
-# The real service.
-
-
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as answer:
-            return answer.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def test_pprof_enabled_false_removes_the_endpoints(tmp_path: Path) -> None:
-    with running_service({"PPROF_ENABLED": "false"}, tmp_path) as service:
-        assert status_of(service.url + "/") == 200
-        assert status_of(service.url + "/debug/pprof/") == 404
-        assert status_of(service.url + "/debug/pprof/heap") == 404

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 
-logger = logging.getLogger("leaker.pprof")
+logger = logging.getLogger("asgi_pprof")
 
 CHILD_TIMEOUT_SECONDS = 120.0
 

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.pprof import PprofApp
-from app.pprof.handlers import MAX_SYMBOL_REQUEST_BYTES
-from tests.go_pprof import run_pprof
-from tests.service import Service, running_service
+from asgi_pprof import PprofApp
+from asgi_pprof.handlers import MAX_SYMBOL_REQUEST_BYTES
+
+from go_pprof import run_pprof
+from server import Server, serving
 
 SYMBOL_LINE = re.compile(r"(0x[0-9a-f]+) (.+)")  # names of frozen modules have a space
 FRAME_LINE = re.compile(r"^#\t(0x[0-9a-f]+)\t(.+?) *\t", re.MULTILINE)  # `#\taddress\tname\tfile`
@@ -139,13 +140,12 @@ def test_cmdline_is_the_command_line_separated_by_nul_bytes() -> None:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"LEAK_MODE": "fixed", "OTEL_TRACES_EXPORTER": "none"}
-    with running_service(env, tmp_path_factory.mktemp("symbol-service")) as running:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving("example_service:app", tmp_path_factory.mktemp("symbol-service")) as running:
         yield running
 
 
-def test_the_services_cmdline_is_what_linux_says_it_was_started_with(service: Service) -> None:
+def test_the_services_cmdline_is_what_linux_says_it_was_started_with(service: Server) -> None:
     with urllib.request.urlopen(service.url + "/debug/pprof/cmdline") as answer:
         body = answer.read()
     with open(f"/proc/{service.process.pid}/cmdline", "rb") as cmdline:
@@ -157,7 +157,7 @@ def pprof_top(go: str, *arguments: str) -> str:
 
 
 def test_go_tool_pprof_names_a_legacy_profile_through_the_symbol_endpoint(
-    service: Service, require_tool: Callable[[str], str]
+    service: Server, require_tool: Callable[[str], str]
 ) -> None:
     go = require_tool("go")
     url = service.url + "/debug/pprof/goroutine?debug=1"
@@ -170,7 +170,7 @@ def test_go_tool_pprof_names_a_legacy_profile_through_the_symbol_endpoint(
     assert re.findall(r"^\s*\d+\s+\S+%.*%\s+(\S.*)$", unnamed, re.MULTILINE) == ["<unknown>"]
 
 
-def test_pprof_asks_the_endpoint_with_a_post(service: Service) -> None:
+def test_pprof_asks_the_endpoint_with_a_post(service: Server) -> None:
     """What pprof's symbolz client sends: a POST of `+`-joined addresses, answered by name."""
     with urllib.request.urlopen(service.url + "/debug/pprof/goroutine?debug=1") as answer:
         text = answer.read().decode()
@@ -183,7 +183,7 @@ def test_pprof_asks_the_endpoint_with_a_post(service: Service) -> None:
     assert dict(SYMBOL_LINE.fullmatch(line).groups() for line in lines) == frames
 
 
-def test_the_service_answers_odd_symbol_requests_without_error(service: Service) -> None:
+def test_the_service_answers_odd_symbol_requests_without_error(service: Server) -> None:
     statuses = []
     for body in (b"", b"+", b"0x", b"\xff\xfe", b"0x400000+" * 1000, b"1" * 5000):
         post = urllib.request.Request(service.url + "/debug/pprof/symbol", data=body)

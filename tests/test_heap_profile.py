@@ -1,4 +1,4 @@
-"""Heap profiles of the leaky service, read by the real `go tool pprof` and decoded independently.
+"""Heap profiles of the leaky service, read by the real `go tool pprof` and by asgi_pprof.reader.
 
 What a user does with the Form3 blog post in hand: load the service, fetch /debug/pprof/heap, and
 ask pprof where the memory is. The answer must point at OpenTelemetry's proxy meter provider and,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import py_compile
 import re
 import threading
 import time
@@ -26,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from app.pprof import heap
-from app.pprof.symbolize import function_of, module_name
+import asgi_pprof
+from asgi_pprof.reader import Profile, read_profile
 from tests.go_pprof import run_pprof
-from tests.pprof_decode import Profile, decode, invariant_violations, samples
 from tests.service import ROOT, Service, running_service
 
 LOAD_REQUESTS = 600
@@ -42,7 +40,7 @@ PROXY_METER_SITES = (
 )
 PROXY_METER_PREFIX = "opentelemetry.metrics._internal._ProxyMeter"  # _ProxyMeter, ...Provider
 PER_REQUEST_WRAPPER = "app.main.OpenTelemetryPerRequest.__call__"
-PROFILER_FILES = (str(ROOT / "app" / "pprof") + os.sep, tracemalloc.__file__)
+PROFILER_FILES = (os.path.dirname(asgi_pprof.__file__) + os.sep, tracemalloc.__file__)
 
 
 def get(url: str) -> bytes:
@@ -252,69 +250,63 @@ def test_pprof_reads_the_legacy_text_without_rescaling(
     assert values == Counter((r.blocks, r.size) for r in records)
 
 
-def test_served_profile_follows_profile_proto(leaky: LeakyService) -> None:
-    profile = decode(leaky.heap_path.read_bytes())
-    assert invariant_violations(profile) == []
-    strings = profile.string_table
-    assert [(strings[t.type], strings[t.unit]) for t in profile.sample_type] == [
-        ("inuse_objects", "count"),
-        ("inuse_space", "bytes"),
-    ]
-    assert strings[profile.default_sample_type] == "inuse_space"
-    assert (strings[profile.period_type.type], strings[profile.period_type.unit]) == (
-        "space",
-        "bytes",
-    )
+def test_served_profile_is_a_tracemalloc_heap_profile(leaky: LeakyService) -> None:
+    profile = read_profile(leaky.heap_path.read_bytes())
+    assert profile.sample_types == [("inuse_objects", "count"), ("inuse_space", "bytes")]
+    assert profile.default_sample_type == "inuse_space"
+    assert profile.period_type == ("space", "bytes")
     assert profile.period == 1
     assert abs(profile.time_nanos - leaky.fetched_at_ns) < 120e9
     assert profile.duration_nanos == 0  # a snapshot, not a window
-    assert len(profile.mapping) == 1
-    mapping = profile.mapping[0]
-    assert mapping.has_functions and mapping.has_filenames and mapping.has_line_numbers
-    assert all(location.mapping_id == mapping.id for location in profile.location)
+
+
+def values(profile: Profile, sample_type: str, leaf_in: tuple[str, ...], caller: str) -> int:
+    """The `sample_type` value of samples whose leaf is in `leaf_in`, called through `caller`."""
+    index = profile.value_index(sample_type)
+    return sum(
+        sample.values[index]
+        for sample in profile.samples
+        if sample.stack[0][0] in leaf_in and caller in [f[0] for f in sample.stack[1:]]
+    )
 
 
 def test_served_profile_names_functions_and_puts_the_leaf_first(leaky: LeakyService) -> None:
-    profile = decode(leaky.heap_path.read_bytes())
-    strings = profile.string_table
-    functions = {strings[f.name]: f for f in profile.function}
-    create_histogram = functions[PROXY_METER_SITES[0]]
-    assert strings[create_histogram.filename].endswith(
+    profile = read_profile(leaky.heap_path.read_bytes())
+    create_histogram = [
+        frame for sample in profile.samples for frame in sample.stack[:1]
+        if frame[0] == PROXY_METER_SITES[0]
+    ]  # fmt: skip
+    assert create_histogram
+    assert create_histogram[0][1].endswith(
         os.path.join("opentelemetry", "metrics", "_internal", "__init__.py")
     )
-    assert create_histogram.start_line > 0
-    leaking = [
-        s
-        for s in samples(profile)
-        if s.frames[0].function in PROXY_METER_SITES
-        and PER_REQUEST_WRAPPER in [f.function for f in s.frames[1:]]
-    ]
     # Each request keeps its own meter and histograms: one block at least per request.
-    assert sum(s.values["inuse_objects"] for s in leaking) >= leaky.requests
-    assert sum(s.values["inuse_space"] for s in leaking) >= 100 * leaky.requests
+    leaking = (profile, PROXY_METER_SITES, PER_REQUEST_WRAPPER)
+    assert values(leaking[0], "inuse_objects", *leaking[1:]) >= leaky.requests
+    assert values(leaking[0], "inuse_space", *leaking[1:]) >= 100 * leaky.requests
 
 
-def profiler_frames(profile: Any) -> list[str]:
+def profiler_frames(profile: Profile) -> list[str]:
     return [
-        f"{frame.function} {frame.filename}:{frame.line}"
-        for sample in samples(profile)
-        for frame in sample.frames
-        if frame.filename.startswith(PROFILER_FILES)
+        f"{function} {filename}:{line}"
+        for sample in profile.samples
+        for function, filename, line in sample.stack
+        if filename.startswith(PROFILER_FILES)
     ]
 
 
 def test_the_profiler_and_tracemalloc_leave_no_trace_in_profiles(leaky: LeakyService) -> None:
     url = leaky.service.url + "/debug/pprof/heap"
-    window = decode(get(url + "?seconds=1"))  # opens and closes a window: tracing stays on
+    window = read_profile(get(url + "?seconds=1"))  # opens and closes a window: tracing stays on
     assert window.duration_nanos > 0
-    snapshot = decode(get(url))
+    snapshot = read_profile(get(url))
     text = get(url + "?debug=1").decode()
     assert profiler_frames(window) == []
     assert profiler_frames(snapshot) == []
-    assert profiler_frames(decode(leaky.heap_path.read_bytes())) == []
-    assert not [line for line in text.splitlines() if "/app/pprof/" in line]
+    assert profiler_frames(read_profile(leaky.heap_path.read_bytes())) == []
+    assert not [line for line in text.splitlines() if "/asgi_pprof/" in line]
     # The service still traces from startup: the window did not turn tracing off.
-    assert samples(snapshot)
+    assert snapshot.samples
 
 
 WINDOW_SECONDS = 10
@@ -331,13 +323,16 @@ def proxy_meter_growth(mode: str, tmp_path: Path, results: dict[str, Any]) -> No
             )
             time.sleep(0.5)  # the window opens; a request or two early would not matter
             send_load(service, WINDOW_REQUESTS)
-            profile = decode(window.result())
-    growth = [
-        s
-        for s in samples(profile)
-        if any(f.function.startswith(PROXY_METER_PREFIX) for f in s.frames)
-    ]
-    results[mode] = (profile, sum(s.values["inuse_space"] for s in growth))
+            profile = read_profile(window.result())
+    space = profile.value_index("inuse_space")
+    results[mode] = (
+        profile,
+        sum(
+            sample.values[space]
+            for sample in profile.samples
+            if any(function.startswith(PROXY_METER_PREFIX) for function, _, _ in sample.stack)
+        ),
+    )
 
 
 def test_a_window_shows_the_leak_growing_in_leaky_mode_and_not_in_fixed_mode(
@@ -360,193 +355,7 @@ def test_a_window_shows_the_leak_growing_in_leaky_mode_and_not_in_fixed_mode(
         f"proxy meter growth in {WINDOW_SECONDS}s: leaky {leaky_growth} B, fixed {fixed_growth} B"
     )
     for profile in (leaky_profile, fixed_profile):
-        assert invariant_violations(profile) == []
         assert WINDOW_SECONDS * 1e9 <= profile.duration_nanos < (WINDOW_SECONDS + 30) * 1e9
         assert profiler_frames(profile) == []
     assert leaky_growth >= 20_000
     assert fixed_growth <= leaky_growth / 50
-
-
-# In-process: the profile of allocations whose stacks the test knows.
-
-BLOCK_SIZE = 4096
-BLOCK_COUNT = 100
-
-
-def allocate_blocks() -> list[bytearray]:
-    blocks = []
-    for _ in range(BLOCK_COUNT):
-        blocks.append(bytearray(BLOCK_SIZE))
-    return blocks
-
-
-def call_allocate_blocks() -> list[bytearray]:
-    return allocate_blocks()
-
-
-def test_location_ids_start_at_the_allocating_function() -> None:
-    assert not tracemalloc.is_tracing(), "another test left tracemalloc on"
-    tracemalloc.start(8)
-    try:
-        before = heap.capture()
-        kept = call_allocate_blocks()
-        after = heap.capture()
-    finally:
-        tracemalloc.stop()
-    profile = decode(heap.encode(after.minus(before)))
-    assert invariant_violations(profile) == []
-    assert profile.duration_nanos > 0
-    ours = [
-        s
-        for s in samples(profile)
-        if any(f.function.endswith(".allocate_blocks") for f in s.frames)
-    ]
-    assert sum(s.values["inuse_space"] for s in ours) >= BLOCK_COUNT * BLOCK_SIZE
-    assert sum(s.values["inuse_objects"] for s in ours) >= BLOCK_COUNT
-    for sample in ours:
-        assert sample.frames[0].function.endswith("test_pprof_heap.allocate_blocks")
-        assert sample.frames[1].function.endswith("test_pprof_heap.call_allocate_blocks")
-        assert sample.frames[0].filename == __file__
-    del kept
-
-
-def test_invariant_checks_catch_a_broken_profile() -> None:
-    """The checker behind the tests above must be able to fail."""
-    broken = Profile()
-    broken.string_table.extend(["x", "x"])  # [0] not "", and repeated
-    broken.function.add(id=1, name=9)  # out of range
-    broken.location.add(id=0)  # zero id, no line
-    broken.sample.add(location_id=[7], value=[1])  # missing location
-    problems = invariant_violations(broken)
-    assert any("string_table[0]" in p for p in problems)
-    assert any("repeats" in p for p in problems)
-    assert any("out of range" in p for p in problems)
-    assert any("unique and non-zero" in p for p in problems)
-    assert any("missing locations" in p for p in problems)
-
-
-# The symbolizer, on a module written here.
-
-SAMPLE_MODULE = """\
-import functools
-
-GREETING = "hello, " + str(1)  # mark: module
-
-
-class Outer:  # mark: class def
-    label = str("outer")  # mark: class body
-
-    class Inner:
-        def method(self):  # mark: method def
-            return str("method")  # mark: method
-
-
-def outer():
-    def inner():  # mark: closure def
-        return str("closure")  # mark: closure
-
-    return inner
-
-
-def decorator(function):
-    @functools.wraps(function)
-    def wrapper(*args):
-        return function(*args)
-
-    return wrapper
-
-
-@decorator  # mark: decorator
-def decorated():
-    return str("decorated")  # mark: decorated
-"""
-
-
-def marks(source: str) -> dict[str, int]:
-    """Line numbers of the `# mark: NAME` comments."""
-    return {
-        line.split("# mark: ")[1]: n
-        for n, line in enumerate(source.splitlines(), 1)
-        if "# mark: " in line
-    }
-
-
-def check_sample_module_names(path: Path, source: str, module: str) -> None:
-    line = marks(source)
-    assert function_of(str(path), line["module"]) == (f"{module}.<module>", 1)
-    assert function_of(str(path), line["class body"]) == (f"{module}.Outer", line["class def"])
-    assert function_of(str(path), line["method"]) == (
-        f"{module}.Outer.Inner.method",
-        line["method def"],
-    )
-    assert function_of(str(path), line["closure"]) == (
-        f"{module}.outer.<locals>.inner",
-        line["closure def"],
-    )
-    name, start_line = function_of(str(path), line["decorated"])
-    assert name == f"{module}.decorated"
-    assert line["decorator"] <= start_line < line["decorated"]
-
-
-@pytest.fixture
-def sample_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory on sys.path, so files there are named as top-level modules."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
-
-
-def test_symbolizer_names_functions_from_source_without_a_pyc(sample_dir: Path) -> None:
-    path = sample_dir / "sample_source_only.py"
-    path.write_text(SAMPLE_MODULE)
-    check_sample_module_names(path, SAMPLE_MODULE, "sample_source_only")
-    assert not (sample_dir / "__pycache__").exists()
-
-
-def test_symbolizer_names_functions_from_a_current_pyc(sample_dir: Path) -> None:
-    path = sample_dir / "sample_with_pyc.py"
-    path.write_text(SAMPLE_MODULE)
-    py_compile.compile(
-        str(path), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP
-    )
-    check_sample_module_names(path, SAMPLE_MODULE, "sample_with_pyc")
-
-
-def test_symbolizer_ignores_a_stale_pyc(sample_dir: Path) -> None:
-    path = sample_dir / "sample_stale_pyc.py"
-    old_source = SAMPLE_MODULE.replace("def method", "def old_method").replace("outer", "old")
-    path.write_text(old_source)
-    py_compile.compile(
-        str(path), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP
-    )
-    # Edited since: other lines, other size; possibly the same mtime second.
-    new_source = "# edited\n" + SAMPLE_MODULE
-    path.write_text(new_source)
-    check_sample_module_names(path, new_source, "sample_stale_pyc")
-
-
-def test_symbolizer_names_package_modules_by_their_import_path(sample_dir: Path) -> None:
-    package = sample_dir / "sample_package"
-    package.mkdir()
-    (package / "__init__.py").write_text("def init_function():\n    return 1\n")
-    (package / "child.py").write_text("def child_function():\n    return 2\n")
-    assert module_name(str(package / "__init__.py")) == "sample_package"
-    assert module_name(str(package / "child.py")) == "sample_package.child"
-    assert function_of(str(package / "child.py"), 2) == (
-        "sample_package.child.child_function",
-        1,
-    )
-
-
-@pytest.mark.parametrize(
-    ("filename", "expected"),
-    [
-        ("<frozen importlib._bootstrap>", "frozen importlib._bootstrap"),
-        ("<string>", "string"),
-        ("/nonexistent/directory/gone.py", "gone"),
-    ],
-)
-def test_symbolizer_names_frames_without_source_after_their_file(
-    filename: str, expected: str
-) -> None:
-    # No angle brackets: pprof would read them as C++ template arguments.
-    assert function_of(filename, 10) == (expected, 0)

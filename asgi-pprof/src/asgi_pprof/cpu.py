@@ -40,8 +40,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame
+from asgi_pprof.profile import ProfileBuilder
+from asgi_pprof.symbolize import Frame
 
 DEFAULT_HZ = 100  # Go's rate: frequent enough, cheap enough, and 1 sample = 10 ms
 MAX_DEPTH = 128  # frames kept per sample, leaf first (Go keeps 64; Python stacks run deeper)

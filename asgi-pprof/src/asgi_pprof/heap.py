@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from app.pprof.profile import ProfileBuilder
-from app.pprof.symbolize import Frame, addressed_frames, legacy_record, remember
+from asgi_pprof.profile import ProfileBuilder
+from asgi_pprof.symbolize import Frame, addressed_frames, legacy_record, remember
 
 Stack = tuple[Frame, ...]  # leaf first, as tracemalloc gives it
 

@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from app.pprof import forked
+from asgi_pprof import forked
 
 
 def where_it_ran(in_child: bool) -> bytes:

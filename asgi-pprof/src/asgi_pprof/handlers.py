@@ -57,88 +57,19 @@ import asyncio
 import gc
 import html
 import os
-import re
 import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 from urllib.parse import parse_qsl
 
-from app.pprof import cpu, forked, goroutine, heap
-from app.pprof.symbolize import frame_at, function_of
-
-Scope = dict  # ASGI's scope, receive and send, without importing a framework for their types
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
+from asgi_pprof import asgi, cpu, forked, goroutine, heap
+from asgi_pprof.asgi import Answer, BadRequest, Receive, Request, Scope, Send, go_int64, int_or_zero
+from asgi_pprof.symbolize import frame_at, function_of
 
 DEFAULT_WINDOW_SECONDS = 30
 MAX_WINDOW_SECONDS = 300
 MAX_SYMBOL_REQUEST_BYTES = 1 << 20  # about 100,000 addresses: more than any profile has
-
-
-class BadRequest(Exception):
-    """Bad input: the message is the 400 body."""
-
-
-@dataclass
-class Request:
-    method: str
-    query: dict[str, str]  # the first value of each parameter, as Go's FormValue
-    raw_query: str  # the symbol endpoint reads addresses from it, which are not key=value pairs
-    body: bytes  # read for POST only
-
-
-class Answer:
-    def __init__(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str,
-        headers: list[tuple[str, str]] | None = None,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.headers = [("content-type", content_type), *(headers or [])]
-
-
-def _error(status: int, message: str) -> Answer:
-    # Go's serveError: plain text, with X-Go-Pprof so `go tool pprof` prints the message.
-    return Answer(status, message.encode(), "text/plain; charset=utf-8", [("x-go-pprof", "1")])
-
-
-def _profile(name: str, body: bytes) -> Answer:
-    return Answer(
-        200,
-        body,
-        "application/octet-stream",
-        [
-            ("content-disposition", f'attachment; filename="{name}"'),
-            ("x-content-type-options", "nosniff"),
-        ],
-    )
-
-
-def _text(body: str) -> Answer:
-    return Answer(
-        200, body.encode(), "text/plain; charset=utf-8", [("x-content-type-options", "nosniff")]
-    )
-
-
-_GO_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-def _go_int64(value: str) -> int | None:
-    """Go's strconv.ParseInt(value, 10, 64): ASCII digits, an optional sign, in int64; else None."""
-    if not _GO_INTEGER.fullmatch(value):
-        return None
-    number = int(value)
-    return number if -(2**63) <= number < 2**63 else None
-
-
-def _int_or_zero(value: str) -> int:
-    """Go's strconv.Atoi as net/http/pprof uses it for debug and gc: anything else is 0."""
-    return _go_int64(value) or 0
 
 
 class PprofApp:
@@ -164,34 +95,40 @@ class PprofApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        name = _route_path(scope).strip("/")
+        path = asgi.route_path(scope)
+        if path == "":  # the mount point without its slash: the index's relative links need it
+            await asgi.send_answer(_redirect_to(scope["path"] + "/", scope), scope, send)
+            return
+        name = path.strip("/")
         methods = ("GET", "HEAD", "POST") if name == "symbol" else ("GET", "HEAD")
         body = b""
         if scope["method"] == "POST" and name == "symbol":
             body = await _read_body(receive, MAX_SYMBOL_REQUEST_BYTES)
         if scope["method"] not in methods:
-            answer = _error(405, "Method not allowed")
+            answer = asgi.error(405, "Method not allowed")
             answer.headers.append(("allow", ", ".join(methods)))
         elif body is None:
-            answer = _error(413, f"Request body larger than {MAX_SYMBOL_REQUEST_BYTES} bytes")
+            answer = asgi.error(413, f"Request body larger than {MAX_SYMBOL_REQUEST_BYTES} bytes")
         elif name == "":
             answer = self.index()
         elif name not in self.handlers:
-            answer = _error(404, "Unknown profile")
+            answer = asgi.error(404, "Unknown profile")
         else:
             raw_query = scope.get("query_string", b"").decode("latin-1")
-            request = Request(scope["method"], _first_values(parse_qsl(raw_query)), raw_query, body)
+            request = Request(
+                scope["method"], asgi.first_values(parse_qsl(raw_query)), raw_query, body
+            )
             try:
                 answer = await self.handlers[name](request)
-            except BadRequest as error:
-                answer = _error(400, str(error))
-        await _send(answer, scope, send)
+            except BadRequest as bad:
+                answer = asgi.error(400, str(bad))
+        await asgi.send_answer(answer, scope, send)
 
     def _seconds(self, query: dict[str, str]) -> int | None:
         """The `seconds` parameter: absent is None; anything but 1..max is a 400, as in Go."""
         if "seconds" not in query:
             return None
-        seconds = _go_int64(query["seconds"])
+        seconds = go_int64(query["seconds"])
         if seconds is None or seconds <= 0:
             raise BadRequest('invalid value for "seconds" - must be a positive integer')
         if seconds > self.max_window_seconds:
@@ -206,10 +143,10 @@ class PprofApp:
         seconds = self._seconds(query)
         if seconds is None and not tracemalloc.is_tracing():
             seconds = self.default_window_seconds
-        collect_first = _int_or_zero(query.get("gc", "")) > 0
+        collect_first = int_or_zero(query.get("gc", "")) > 0
         if collect_first:
             gc.collect()
-        debug = _int_or_zero(query.get("debug", ""))
+        debug = int_or_zero(query.get("debug", ""))
         if seconds is None:
             built = await asyncio.to_thread(forked.run, partial(heap.build, debug=debug))
         else:
@@ -221,7 +158,7 @@ class PprofApp:
                 work = partial(heap.build, debug=debug, start=start)
                 built = await asyncio.to_thread(forked.run, work)
         payload = heap.open_answer(built)
-        return _text(payload.decode()) if debug > 0 else _profile("heap", payload)
+        return asgi.text(payload.decode()) if debug > 0 else asgi.profile("heap", payload)
 
     async def _window_start(self, traced_before: bool) -> bytes:
         """What is in use as a heap window opens; nothing yet if the window just started tracing."""
@@ -232,7 +169,7 @@ class PprofApp:
     async def goroutine(self, request: Request) -> Answer:
         """Every thread and pending asyncio task by stack; `seconds=N` for the growth."""
         seconds = self._seconds(request.query)
-        debug = _int_or_zero(request.query.get("debug", ""))
+        debug = int_or_zero(request.query.get("debug", ""))
         # Captured here, in the event loop's thread, so that the loop's tasks stand still.
         if seconds is not None:
             if debug != 0:
@@ -240,14 +177,16 @@ class PprofApp:
             start = goroutine.count_stacks(goroutine.capture())
             await asyncio.sleep(seconds)
             growth = goroutine.count_stacks(goroutine.capture()).minus(start)
-            return _profile("goroutine-delta", await asyncio.to_thread(goroutine.encode, growth))
+            return asgi.profile(
+                "goroutine-delta", await asyncio.to_thread(goroutine.encode, growth)
+            )
         goroutines = goroutine.capture()
         if debug >= 2:
-            return _text(await asyncio.to_thread(goroutine.render_stacks, goroutines))
+            return asgi.text(await asyncio.to_thread(goroutine.render_stacks, goroutines))
         profile = goroutine.count_stacks(goroutines)
         if debug == 1:
-            return _text(await asyncio.to_thread(goroutine.render_counts, profile))
-        return _profile("goroutine", await asyncio.to_thread(goroutine.encode, profile))
+            return asgi.text(await asyncio.to_thread(goroutine.render_counts, profile))
+        return asgi.profile("goroutine", await asyncio.to_thread(goroutine.encode, profile))
 
     async def profile(self, request: Request) -> Answer:
         """A CPU profile of the next `seconds` (default 30), while the service goes on."""
@@ -255,10 +194,10 @@ class PprofApp:
         try:
             profile = await cpu.profile_for(seconds)
         except cpu.ProfilingInUse as error:
-            return _error(409, f"Could not enable CPU profiling: {error}")
+            return asgi.error(409, f"Could not enable CPU profiling: {error}")
         except cpu.ProfilingUnavailable as error:
-            return _error(501, f"Could not enable CPU profiling: {error}")
-        return _profile("profile", await asyncio.to_thread(cpu.encode, profile))
+            return asgi.error(501, f"Could not enable CPU profiling: {error}")
+        return asgi.profile("profile", await asyncio.to_thread(cpu.encode, profile))
 
     async def cmdline(self, request: Request) -> Answer:
         """The command line, NUL-separated, in the bytes the process was given."""
@@ -277,7 +216,7 @@ class PprofApp:
             frame = frame_at(address) if address else None
             if frame is not None:
                 lines.append(f"{address:#x} {function_of(*frame)[0]}")
-        return _text("\n".join(lines) + "\n")
+        return asgi.text("\n".join(lines) + "\n")
 
     def index(self) -> Answer:
         profiles = self._profiles()
@@ -341,6 +280,12 @@ class PprofApp:
         ]
 
 
+def _redirect_to(path: str, scope: Scope) -> Answer:
+    query = scope.get("query_string", b"").decode("latin-1")
+    location = path + (f"?{query}" if query else "")
+    return Answer(301, b"", "text/plain; charset=utf-8", [("location", location)])
+
+
 def _address(word: bytes) -> int:
     """An address as Go's strconv.ParseUint(word, 0, 64) reads it; 0 if it is not one."""
     try:
@@ -362,33 +307,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return bytes(body)
 
 
-def _first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """Go's r.FormValue: the first value of a repeated parameter."""
-    query: dict[str, str] = {}
-    for key, value in pairs:
-        query.setdefault(key, value)
-    return query
-
-
 def _heap_snapshot(in_child: bool) -> bytes:
     return heap.capture(stop_tracing=in_child).to_bytes()
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below the mount point, whether the framework strips the prefix or not."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :]
-    return path
-
-
-async def _send(answer: Answer, scope: Scope, send: Send) -> None:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
-    headers.append((b"content-length", str(len(answer.body)).encode()))
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    body = b"" if scope["method"] == "HEAD" else answer.body
-    await send({"type": "http.response.body", "body": body})
 
 
 _INDEX_PAGE = """<html>

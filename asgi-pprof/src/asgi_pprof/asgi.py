@@ -1,0 +1,107 @@
+"""The ASGI plumbing under the handlers: requests in, answers out, Go's way of parsing numbers.
+
+Pure ASGI, no framework: a scope, `receive` and `send`, as Starlette's own small modules do it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+Scope = dict[str, Any]  # ASGI's scope, receive and send, without importing a framework's types
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BadRequest(Exception):
+    """Bad input: the message is the 400 body."""
+
+
+@dataclass
+class Request:
+    method: str
+    query: dict[str, str]  # the first value of each parameter, as Go's FormValue
+    raw_query: str  # the symbol endpoint reads addresses from it, which are not key=value pairs
+    body: bytes  # read for POST only
+
+
+class Answer:
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = [("content-type", content_type), *(headers or [])]
+
+
+def error(status: int, message: str) -> Answer:
+    # Go's serveError: plain text, with X-Go-Pprof so `go tool pprof` prints the message.
+    return Answer(status, message.encode(), "text/plain; charset=utf-8", [("x-go-pprof", "1")])
+
+
+def profile(name: str, body: bytes) -> Answer:
+    return Answer(
+        200,
+        body,
+        "application/octet-stream",
+        [
+            ("content-disposition", f'attachment; filename="{name}"'),
+            ("x-content-type-options", "nosniff"),
+        ],
+    )
+
+
+def text(body: str | bytes) -> Answer:
+    data = body.encode() if isinstance(body, str) else body
+    return Answer(200, data, "text/plain; charset=utf-8", [("x-content-type-options", "nosniff")])
+
+
+# Go's strconv.ParseInt takes at most 19 digits into an int64: more is out of range. Checking the
+# length first also keeps Python's int() away from its own limit (4,300 digits: a ValueError).
+_GO_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
+
+
+def go_int64(value: str) -> int | None:
+    """Go's strconv.ParseInt(value, 10, 64): ASCII digits, an optional sign, in int64; else None."""
+    if not _GO_INTEGER.fullmatch(value):
+        return None
+    number = int(value)
+    return number if -(2**63) <= number < 2**63 else None
+
+
+def int_or_zero(value: str) -> int:
+    """Go's strconv.Atoi as net/http/pprof uses it for debug and gc: anything else is 0."""
+    return go_int64(value) or 0
+
+
+def first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Go's r.FormValue: the first value of a repeated parameter."""
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        query.setdefault(key, value)
+    return query
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the mount point, whether the framework strips the prefix or not."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :]
+    return path
+
+
+async def send_answer(answer: Answer, scope: Scope, send: Send) -> None:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    body = b"" if scope["method"] == "HEAD" else answer.body
+    await send({"type": "http.response.body", "body": body})
