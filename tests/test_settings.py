@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -126,3 +127,18 @@ def test_the_service_starts_with_valid_values_in_any_case(tmp_path: Path) -> Non
         with urllib.request.urlopen(service.url + "/", timeout=5) as answer:
             assert answer.status == 200
             assert answer.read() == b"OK\n"
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_pprof_enabled_false_removes_the_endpoints(tmp_path: Path) -> None:
+    with running_service({"PPROF_ENABLED": "false"}, tmp_path) as service:
+        assert status_of(service.url + "/") == 200
+        assert status_of(service.url + "/debug/pprof/") == 404
+        assert status_of(service.url + "/debug/pprof/heap") == 404
