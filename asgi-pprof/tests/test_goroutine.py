@@ -235,8 +235,9 @@ def test_debug_1_is_gos_legacy_text_with_counts_that_add_up(other_threads: None)
         int(m[1]) for m in (re.fullmatch(r"(\d+) @( 0x[0-9a-f]+)+", line) for line in lines) if m
     ]
     assert sum(counts) == total
-    # Threads plus the other loop's two tasks plus this request's own task.
-    assert total == len(threading.enumerate()) + 3
+    # Threads, the other loop's two tasks, this request's task and the one that watches for the
+    # client leaving.
+    assert total == len(threading.enumerate()) + 4
     assert counts == sorted(counts, reverse=True)
     frame_line = re.compile(r"#\t0x[0-9a-f]+\t[^\t]+\t.+:\d+")
     assert all(frame_line.fullmatch(line) for line in lines if line.startswith("#"))

@@ -5,6 +5,7 @@ Pure ASGI, no framework: a scope, `receive` and `send`, as Starlette's own small
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -105,3 +106,73 @@ async def send_answer(answer: Answer, scope: Scope, send: Send) -> None:
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     body = b"" if scope["method"] == "HEAD" else answer.body
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    """The request body is longer than its limit (a 413)."""
+
+
+class BodyTooSlow(Exception):
+    """The request body did not arrive in time (a 408)."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float) -> bytes:
+    """The request body, refused at once if its Content-Length says it is longer than `limit`,
+    and given up on when it has not all arrived within `timeout` seconds."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            if int(value) > limit:
+                raise BodyTooLarge
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return bytes(body)  # nobody will read the answer; it does not matter
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    raise BodyTooLarge
+                if not message.get("more_body", False):
+                    return bytes(body)
+    except TimeoutError:
+        raise BodyTooSlow from None
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone. Once the request body is all in, `receive` waits for
+    the disconnect; a server that answers at once again does not follow ASGI, and is not
+    watched (rather than spun on)."""
+    body_done = False
+    while (message := await receive())["type"] != "http.disconnect":
+        if body_done:
+            await asyncio.Event().wait()
+        body_done = not message.get("more_body", False)
+
+
+async def unless_disconnected(work: Awaitable[Answer], receive: Receive) -> Answer | None:
+    """`work`'s answer, or None if the client goes first: then `work` is cancelled at once, so
+    that a profile nobody waits for stops (its clean-up runs in its `finally` blocks).
+
+    `work` runs in this task; one more task watches `receive` for the disconnect.
+    """
+    request_task = asyncio.current_task()
+    assert request_task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
+        request_task.cancel()
+
+    watcher = asyncio.create_task(watch(), name="asgi_pprof: waiting for the client to leave")
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside (the server shutting down): let it through
+        request_task.uncancel()
+        return None
+    finally:
+        watcher.cancel()

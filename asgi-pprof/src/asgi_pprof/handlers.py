@@ -58,8 +58,10 @@ import gc
 import html
 import os
 import sys
+import threading
+import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from urllib.parse import parse_qsl
 
@@ -70,6 +72,8 @@ from asgi_pprof.symbolize import frame_at, function_of
 DEFAULT_WINDOW_SECONDS = 30
 MAX_WINDOW_SECONDS = 300
 MAX_SYMBOL_REQUEST_BYTES = 1 << 20  # about 100,000 addresses: more than any profile has
+SLICE_SECONDS = 0.005  # the longest a symbol request keeps the event loop in one go
+BODY_TIMEOUT_SECONDS = 10.0  # for a symbol request's body, however slowly it is sent
 
 
 class PprofApp:
@@ -84,6 +88,7 @@ class PprofApp:
         self.frames = frames
         self.default_window_seconds = default_window_seconds
         self.max_window_seconds = max_window_seconds
+        self._builds = HeapBuilds()
         self.handlers: dict[str, Callable[[Request], Awaitable[Answer]]] = {
             "cmdline": self.cmdline,
             "goroutine": self.goroutine,
@@ -99,30 +104,36 @@ class PprofApp:
         if path == "":  # the mount point without its slash: the index's relative links need it
             await asgi.send_answer(_redirect_to(scope["path"] + "/", scope), scope, send)
             return
-        name = path.strip("/")
+        answer = await self._answer(path.strip("/"), scope, receive)
+        if answer is not None:  # None: the client has gone, and what it asked for was stopped
+            await asgi.send_answer(answer, scope, send)
+
+    async def _answer(self, name: str, scope: Scope, receive: Receive) -> Answer | None:
         methods = ("GET", "HEAD", "POST") if name == "symbol" else ("GET", "HEAD")
-        body = b""
-        if scope["method"] == "POST" and name == "symbol":
-            body = await _read_body(receive, MAX_SYMBOL_REQUEST_BYTES)
         if scope["method"] not in methods:
             answer = asgi.error(405, "Method not allowed")
             answer.headers.append(("allow", ", ".join(methods)))
-        elif body is None:
-            answer = asgi.error(413, f"Request body larger than {MAX_SYMBOL_REQUEST_BYTES} bytes")
-        elif name == "":
-            answer = self.index()
-        elif name not in self.handlers:
-            answer = asgi.error(404, "Unknown profile")
-        else:
-            raw_query = scope.get("query_string", b"").decode("latin-1")
-            request = Request(
-                scope["method"], asgi.first_values(parse_qsl(raw_query)), raw_query, body
-            )
+            return answer
+        if name == "":
+            return self.index()
+        if name not in self.handlers:
+            return asgi.error(404, "Unknown profile")
+        body = b""
+        if scope["method"] == "POST":
             try:
-                answer = await self.handlers[name](request)
-            except BadRequest as bad:
-                answer = asgi.error(400, str(bad))
-        await asgi.send_answer(answer, scope, send)
+                body = await asgi.read_body(
+                    scope, receive, MAX_SYMBOL_REQUEST_BYTES, BODY_TIMEOUT_SECONDS
+                )
+            except asgi.BodyTooLarge:
+                return asgi.error(413, f"Request body larger than {MAX_SYMBOL_REQUEST_BYTES} bytes")
+            except asgi.BodyTooSlow:
+                return asgi.error(408, f"Request body not received in {BODY_TIMEOUT_SECONDS:g} s")
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        request = Request(scope["method"], asgi.first_values(parse_qsl(raw_query)), raw_query, body)
+        try:
+            return await asgi.unless_disconnected(self.handlers[name](request), receive)
+        except BadRequest as bad:
+            return asgi.error(400, str(bad))
 
     def _seconds(self, query: dict[str, str]) -> int | None:
         """The `seconds` parameter: absent is None; anything but 1..max is a 400, as in Go."""
@@ -144,27 +155,28 @@ class PprofApp:
         if seconds is None and not tracemalloc.is_tracing():
             seconds = self.default_window_seconds
         collect_first = int_or_zero(query.get("gc", "")) > 0
-        if collect_first:
-            gc.collect()
         debug = int_or_zero(query.get("debug", ""))
         if seconds is None:
-            built = await asyncio.to_thread(forked.run, partial(heap.build, debug=debug))
+            if collect_first:
+                gc.collect()
+            # Requests that arrive while the same profile is being built share its answer.
+            work = partial(heap.build, debug=debug)
+            built = await self._builds.shared((debug, collect_first), work)
         else:
             with heap.tracing_window(self.frames) as traced_before:
                 start = await self._window_start(traced_before)
                 await asyncio.sleep(seconds)
                 if collect_first:
                     gc.collect()
-                work = partial(heap.build, debug=debug, start=start)
-                built = await asyncio.to_thread(forked.run, work)
+                built = await self._builds.alone(partial(heap.build, debug=debug, start=start))
         payload = heap.open_answer(built)
-        return asgi.text(payload.decode()) if debug > 0 else asgi.profile("heap", payload)
+        return asgi.text(payload) if debug > 0 else asgi.profile("heap", payload)
 
     async def _window_start(self, traced_before: bool) -> bytes:
         """What is in use as a heap window opens; nothing yet if the window just started tracing."""
         if not traced_before:
             return heap.HeapProfile({}, self.frames).to_bytes()
-        return await asyncio.to_thread(forked.run, _heap_snapshot)
+        return await self._builds.alone(_heap_snapshot)
 
     async def goroutine(self, request: Request) -> Answer:
         """Every thread and pending asyncio task by stack; `seconds=N` for the growth."""
@@ -211,11 +223,17 @@ class PprofApp:
         words = request.body if request.method == "POST" else request.raw_query.encode("latin-1")
         # pprof only cares whether the count is 0 (no symbols at all), as Go's comment says.
         lines = ["num_symbols: 1"]
-        for word in words.split(b"+"):
+        # A megabyte of addresses takes seconds while tracemalloc traces every allocation: the
+        # event loop gets its turn every SLICE_SECONDS.
+        slice_ends = time.perf_counter() + SLICE_SECONDS
+        for word in _split(words, b"+"):
             address = _address(word)
             frame = frame_at(address) if address else None
             if frame is not None:
                 lines.append(f"{address:#x} {function_of(*frame)[0]}")
+            if time.perf_counter() > slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + SLICE_SECONDS
         return asgi.text("\n".join(lines) + "\n")
 
     def index(self) -> Answer:
@@ -286,6 +304,16 @@ def _redirect_to(path: str, scope: Scope) -> Answer:
     return Answer(301, b"", "text/plain; charset=utf-8", [("location", location)])
 
 
+def _split(data: bytes, separator: bytes) -> Iterator[bytes]:
+    """`data.split(separator)` a word at a time: one split() of a megabyte is a single call that
+    holds the event loop for seconds while tracemalloc traces."""
+    start = 0
+    while (end := data.find(separator, start)) >= 0:
+        yield data[start:end]
+        start = end + len(separator)
+    yield data[start:]
+
+
 def _address(word: bytes) -> int:
     """An address as Go's strconv.ParseUint(word, 0, 64) reads it; 0 if it is not one."""
     try:
@@ -295,16 +323,35 @@ def _address(word: bytes) -> int:
     return address if 0 < address < 1 << 64 else 0
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None if it is longer than `limit` bytes."""
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > limit:
-            return None
-        if not message.get("more_body", False):
-            return bytes(body)
+class HeapBuilds:
+    """One heap build at a time in the process: each forks a child that may copy as much memory
+    as the traces take. A snapshot asked for while the same one is being built shares it."""
+
+    _lock = threading.Lock()  # the process's: builds run in worker threads, from any event loop
+
+    def __init__(self) -> None:
+        self._pending: dict[object, asyncio.Task[bytes]] = {}
+
+    async def alone(self, work: Callable[[bool], bytes]) -> bytes:
+        return await asyncio.to_thread(self._run, work)
+
+    async def shared(self, key: object, work: Callable[[bool], bytes]) -> bytes:
+        task = self._pending.get(key)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            task = asyncio.ensure_future(self.alone(work))
+            self._pending[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        # Shielded: a client that leaves does not cancel the build the others wait for.
+        return await asyncio.shield(task)
+
+    def _forget(self, key: object, task: asyncio.Task[bytes]) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+
+    @classmethod
+    def _run(cls, work: Callable[[bool], bytes]) -> bytes:
+        with cls._lock:
+            return forked.run(work)
 
 
 def _heap_snapshot(in_child: bool) -> bytes:
