@@ -1,12 +1,16 @@
 """Tracing to Zipkin: an SDK tracer provider, a bounded batch queue, the Zipkin JSON exporter.
 
 While Zipkin is down the batch processor drops spans from its bounded queue; the exporter below
-turns each failed export into a result instead of a traceback, and logs once a minute at most.
+turns each failed export into a result instead of a traceback, and logs once a minute at most,
+with the reason (the Zipkin exporter's own line for each failed batch is held back for that).
+The SDK itself still warns "Queue full, dropping Span." when spans come faster than they go, at
+most once every 20 s (its own DuplicateFilter).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -27,25 +31,52 @@ logger = logging.getLogger("leaker.tracing")
 # Spans waiting for export; when Zipkin is down, new spans beyond this are dropped, not kept.
 MAX_QUEUED_SPANS = 2048
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
+MAX_REASON_LENGTH = 300  # a 500 from a proxy can carry a whole HTML page
+
+
+class _HeldBack(logging.Filter):
+    """Holds back the error lines a logger emits in a thread while that thread exports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held: list[str] | None = getattr(self.local, "held", None)
+        if held is None or record.levelno < logging.ERROR:
+            return True
+        held.append(record.getMessage())
+        return False
 
 
 class QuietExporter(SpanExporter):
-    """Wraps an exporter so that an unreachable backend costs one log line a minute."""
+    """Wraps an exporter so that a failing backend costs one log line a minute, with the reason.
+
+    The wrapped exporter's own error lines (the Zipkin exporter logs one per failed batch, such as
+    "Traces cannot be uploaded; status code: 500, message ...") become that reason.
+    """
 
     def __init__(self, exporter: SpanExporter, name: str) -> None:
         self.exporter = exporter
         self.name = name
         self.failed_batches = 0
         self.last_logged = float("-inf")
+        self.exporter_logger = logging.getLogger(type(exporter).__module__)
+        self.held_back = _HeldBack()
+        self.exporter_logger.addFilter(self.held_back)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        held: list[str] = []
+        self.held_back.local.held = held
         try:
             result = self.exporter.export(spans)
         except Exception as error:  # requests raises on refused connections and timeouts
             result = SpanExportResult.FAILURE
             reason = f"{type(error).__name__}: {error}"
         else:
-            reason = "the backend rejected the batch"
+            reason = held[-1] if held else "the backend rejected the batch"
+        finally:
+            self.held_back.local.held = None
         if result is SpanExportResult.FAILURE:
             self.failed_batches += 1
             now = time.monotonic()
@@ -55,15 +86,23 @@ class QuietExporter(SpanExporter):
                     "%s export failing (%d batches dropped so far): %s",
                     self.name,
                     self.failed_batches,
-                    reason,
+                    _shortened(reason),
                 )
         return result
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
+        self.exporter_logger.removeFilter(self.held_back)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.exporter.force_flush(timeout_millis)
+
+
+def _shortened(text: str) -> str:
+    text = " ".join(text.split())  # one line, whatever the backend answered
+    if len(text) <= MAX_REASON_LENGTH:
+        return text
+    return text[:MAX_REASON_LENGTH] + f"... ({len(text)} characters)"
 
 
 def configure_tracing(settings: Settings) -> TracerProvider:
