@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(host: str, port: int, access_log: bool) -> int:
-    import uvicorn
-
+    from app import server
     from app.settings import Settings, SettingsError
 
     try:  # checked here too, so a bad setting is one clear line rather than uvicorn's import error
@@ -71,9 +70,7 @@ def serve(host: str, port: int, access_log: bool) -> int:
     except SettingsError as error:
         print(f"leaker: invalid setting: {error}", file=sys.stderr)
         return 1
-    # uvicorn stops gracefully on SIGINT or SIGTERM; it then re-raises a SIGTERM, so the process
-    # ends as killed by it, while a SIGINT (Ctrl-C) ends in a normal return.
-    uvicorn.run("app.main:app", host=host, port=port, access_log=access_log)
+    server.run(host, port, access_log)
     return 0
 
 

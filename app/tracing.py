@@ -5,6 +5,9 @@ turns each failed export into a result instead of a traceback, and logs once a m
 with the reason (the Zipkin exporter's own line for each failed batch is held back for that).
 The SDK itself still warns "Queue full, dropping Span." when spans come faster than they go, at
 most once every 20 s (its own DuplicateFilter).
+
+At shutdown the queued spans are sent, for SPAN_FLUSH_TIMEOUT_SECONDS at most: the SDK's own
+shutdown exports batch after batch, each for up to the exporter's timeout, with no overall bound.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ logger = logging.getLogger("leaker.tracing")
 # Spans waiting for export; when Zipkin is down, new spans beyond this are dropped, not kept.
 MAX_QUEUED_SPANS = 2048
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
+EXPORT_TIMEOUT_SECONDS = 2  # for one batch; Zipkin answers a local POST in milliseconds
+# Docker kills 10 s after its SIGTERM; `leaker serve` waits 1 s for open requests before this.
+SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
 MAX_REASON_LENGTH = 300  # a 500 from a proxy can carry a whole HTML page
 
 
@@ -105,6 +111,26 @@ def _shortened(text: str) -> str:
     return text[:MAX_REASON_LENGTH] + f"... ({len(text)} characters)"
 
 
+def shutdown_tracing(
+    provider: TracerProvider, timeout_seconds: float = SPAN_FLUSH_TIMEOUT_SECONDS
+) -> bool:
+    """Send the spans still queued, for `timeout_seconds` at most; False if some were not sent.
+
+    The SDK's shutdown runs in a daemon thread of its own, so that when it outlasts the bound (a
+    Zipkin that accepts but never answers costs EXPORT_TIMEOUT_SECONDS a batch) the process can
+    still exit without it. It blocks the event loop meanwhile: it is the last thing done.
+    """
+    flush = threading.Thread(target=provider.shutdown, name="span-flush", daemon=True)
+    flush.start()
+    flush.join(timeout_seconds)
+    if flush.is_alive():
+        logger.warning(
+            "spans not all sent within %g s of shutdown; the rest are dropped", timeout_seconds
+        )
+        return False
+    return True
+
+
 def configure_tracing(settings: Settings) -> TracerProvider:
     """Install the global tracer provider that the OpenTelemetry ASGI wrapper reports to."""
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.service_name}))
@@ -113,7 +139,8 @@ def configure_tracing(settings: Settings) -> TracerProvider:
         from opentelemetry.exporter.zipkin.json import ZipkinExporter
 
         exporter = QuietExporter(
-            ZipkinExporter(endpoint=settings.zipkin_endpoint, timeout=2), "Zipkin"
+            ZipkinExporter(endpoint=settings.zipkin_endpoint, timeout=EXPORT_TIMEOUT_SECONDS),
+            "Zipkin",
         )
     elif settings.traces_exporter == "console":
         exporter = ConsoleSpanExporter()
