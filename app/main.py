@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         # Send the queued spans, for a bounded time: uvicorn re-raises SIGTERM after shutdown, so
         # atexit never runs. The requests cut off by `leaker serve`'s graceful-shutdown timeout
-        # were cancelled just before this and have ended their spans already.
+        # were cancelled just before this: unless their clean-up waits, their spans have ended.
         shutdown_tracing(tracer_provider)
 
     # FastAPI's native telemetry would add a second SERVER span per request.

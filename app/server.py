@@ -5,7 +5,7 @@
   time (slowloris), or for a connection that never sends one. Timed from the connection's start,
   or on a kept-alive connection from the first byte of the next request (until then uvicorn's
   own keep-alive timeout of 5 s applies). A partial head is answered 408; a silent connection is
-  just closed. The request body is not timed here: the profiler bounds what it reads.
+  just closed. The request body is not timed here: bounding what it reads is the profiler's.
 - On SIGTERM or Ctrl-C, requests still running after GRACEFUL_SHUTDOWN_SECONDS are cancelled, a
   heap window or a CPU profile among them (they last up to 300 s), then the spans are flushed for
   at most app.tracing.SPAN_FLUSH_TIMEOUT_SECONDS: the service ends within 5 s, inside the 10 s

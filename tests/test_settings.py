@@ -111,7 +111,15 @@ def test_an_invalid_value_names_the_variable_and_what_it_accepts(
         assert word in message
 
 
-@pytest.mark.parametrize(("name", "value", "allowed"), INVALID_SETTINGS)
+# Each starts a Python process: one value per variable, and those that used to end in a traceback.
+SERVICE_REFUSALS = [
+    case
+    for case in INVALID_SETTINGS
+    if case[1] in ("bogus", "jaeger", "not-a-url", "maybe", "sometimes", "0", "²", "http://[::1")
+]
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), SERVICE_REFUSALS)
 def test_the_service_refuses_to_start_with_an_invalid_value(
     name: str, value: str, allowed: list[str]
 ) -> None:
