@@ -200,3 +200,29 @@ def test_sigterm_with_profiles_open_flushes_every_span_within_5_s(tmp_path: Path
     assert serve.answers == {path: "503" for path in LONG_REQUESTS}
     assert receiver.rejected() == []
     assert "Traceback" not in serve.log()
+
+
+LEAKY_REQUESTS = 8000
+EXIT_AFTER_SHUTDOWN_LIMIT_SECONDS = 0.5  # from uvicorn's last line to the process's end
+
+
+def test_ctrl_c_ends_a_leaky_service_without_collecting_its_garbage(tmp_path: Path) -> None:
+    env = {"LEAK_MODE": "leaky", "OTEL_TRACES_EXPORTER": "none"}
+    with leaker_serve(env, tmp_path) as serve:
+        load(serve, LEAKY_REQUESTS)  # the leak: some 150,000 objects kept
+        started = time.monotonic()
+        serve.process.send_signal(signal.SIGINT)
+        while "Finished server process" not in serve.log():
+            assert time.monotonic() - started < 30, serve.log()
+            time.sleep(0.01)
+        finished = time.monotonic()
+        serve.process.wait(timeout=60)
+        ended = time.monotonic()
+
+    print(
+        f"Ctrl-C to uvicorn's last line {finished - started:.2f} s, to exit {ended - started:.2f} s"
+    )
+    assert serve.process.returncode == 0
+    assert ended - started < SHUTDOWN_LIMIT_SECONDS
+    # The interpreter's last collection walked the whole heap: about 1 s here.
+    assert ended - finished < EXIT_AFTER_SHUTDOWN_LIMIT_SECONDS, serve.log()
