@@ -2,9 +2,9 @@
 
 While Zipkin is down the batch processor drops spans from its bounded queue; the exporter below
 turns each failed export into a result instead of a traceback, and logs once a minute at most,
-with the reason (the Zipkin exporter's own line for each failed batch is held back for that).
-The SDK itself still warns "Queue full, dropping Span." when spans come faster than they go, at
-most once every 20 s (its own DuplicateFilter).
+with the reason: the Zipkin exporter's own line for each failed batch is held back for that, and
+so is the batch processor's "Queue full, dropping Span." (every 20 s while Zipkin hangs), which
+the same line reports.
 
 At shutdown the queued spans are sent, for SPAN_FLUSH_TIMEOUT_SECONDS at most: the SDK's own
 shutdown exports batch after batch, each for up to the exporter's timeout, with no overall bound.
@@ -38,6 +38,8 @@ EXPORT_TIMEOUT_SECONDS = 2  # for one batch; Zipkin answers a local POST in mill
 # Docker kills 10 s after its SIGTERM; `leaker serve` waits 1 s for open requests before this.
 SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
 MAX_REASON_LENGTH = 300  # a 500 from a proxy can carry a whole HTML page
+# The logger of BatchSpanProcessor's queue: the SDK's internal module that holds it.
+BATCH_PROCESSOR_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
 class _HeldBack(logging.Filter):
@@ -55,11 +57,27 @@ class _HeldBack(logging.Filter):
         return False
 
 
+class _QueueFull(logging.Filter):
+    """Holds back the batch processor's "Queue full" warnings, remembering that one came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False  # set from the threads that end spans, cleared by the exporting one
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not str(record.msg).startswith("Queue full"):
+            return True
+        self.seen = True
+        return False
+
+
 class QuietExporter(SpanExporter):
     """Wraps an exporter so that a failing backend costs one log line a minute, with the reason.
 
     The wrapped exporter's own error lines (the Zipkin exporter logs one per failed batch, such as
-    "Traces cannot be uploaded; status code: 500, message ...") become that reason.
+    "Traces cannot be uploaded; status code: 500, message ...") become that reason. The batch
+    processor's warnings that its queue is full, dropping spans, are told in the same line; or,
+    when the exports succeed but too slowly, in a line of their own, as rarely.
     """
 
     def __init__(self, exporter: SpanExporter, name: str) -> None:
@@ -70,6 +88,9 @@ class QuietExporter(SpanExporter):
         self.exporter_logger = logging.getLogger(type(exporter).__module__)
         self.held_back = _HeldBack()
         self.exporter_logger.addFilter(self.held_back)
+        self.processor_logger = logging.getLogger(BATCH_PROCESSOR_LOGGER)
+        self.queue_full = _QueueFull()
+        self.processor_logger.addFilter(self.queue_full)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         held: list[str] = []
@@ -83,22 +104,32 @@ class QuietExporter(SpanExporter):
             reason = held[-1] if held else "the backend rejected the batch"
         finally:
             self.held_back.local.held = None
-        if result is SpanExportResult.FAILURE:
+        failed = result is SpanExportResult.FAILURE
+        if failed:
             self.failed_batches += 1
-            now = time.monotonic()
-            if now - self.last_logged >= FAILURE_LOG_INTERVAL_SECONDS:
-                self.last_logged = now
+        now = time.monotonic()
+        if (failed or self.queue_full.seen) and (
+            now - self.last_logged >= FAILURE_LOG_INTERVAL_SECONDS
+        ):
+            self.last_logged = now
+            dropping = "; span queue full, new spans dropped" if self.queue_full.seen else ""
+            self.queue_full.seen = False
+            if failed:
                 logger.warning(
-                    "%s export failing (%d batches dropped so far): %s",
+                    "%s export failing (%d batches dropped so far): %s%s",
                     self.name,
                     self.failed_batches,
                     _shortened(reason),
+                    dropping,
                 )
+            else:
+                logger.warning("%s export slower than the spans come%s", self.name, dropping)
         return result
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
         self.exporter_logger.removeFilter(self.held_back)
+        self.processor_logger.removeFilter(self.queue_full)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.exporter.force_flush(timeout_millis)

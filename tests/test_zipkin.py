@@ -193,6 +193,51 @@ def test_a_zipkin_answering_500_costs_one_log_line_a_minute_with_the_reason(
     assert "status code: 500" in other_lines[0] and ERROR_BODY in other_lines[0]
 
 
+HANGING_LOAD_SECONDS = 25  # over one of the SDK's 20 s windows for its "Queue full" warning
+
+
+def test_a_hanging_zipkin_costs_one_log_line_a_minute_queue_warnings_included(
+    tmp_path: Path,
+) -> None:
+    with zipkin_receiver(behaviour="hang") as receiver:
+        with running_service(zipkin_env(receiver.endpoint, "fixed"), tmp_path) as service:
+            load = asyncio.run(
+                run_load(service.url + "/", concurrency=10, duration=HANGING_LOAD_SECONDS)
+            )
+            log_lines = service.log().splitlines()
+        posted = receiver.posted()
+
+    other_lines = [line for line in log_lines if not line.startswith("INFO:")]
+    print(
+        f"{load.requests} requests, {posted} batches posted and never answered; log lines other "
+        "than INFO:\n" + "\n".join(other_lines)
+    )
+    assert load.errors == 0
+    # Spans came faster than a hanging Zipkin takes them (512 per 2 s timeout): the queue filled.
+    assert load.requests * 3 > posted * 512 + 2048
+    assert len(other_lines) == 1
+    assert "Zipkin export failing" in other_lines[0] and "timed out" in other_lines[0]
+
+
+def test_a_zipkin_slower_than_the_spans_is_reported_once_a_minute(tmp_path: Path) -> None:
+    with zipkin_receiver(behaviour="slow") as receiver:
+        with running_service(zipkin_env(receiver.endpoint, "fixed"), tmp_path) as service:
+            load = asyncio.run(
+                run_load(service.url + "/", concurrency=10, duration=HANGING_LOAD_SECONDS)
+            )
+            log_lines = service.log().splitlines()
+        accepted = len(receiver.received())
+
+    other_lines = [line for line in log_lines if not line.startswith("INFO:")]
+    print(f"{load.requests} requests, {accepted} spans accepted; other log lines:")
+    print("\n".join(other_lines))
+    assert load.errors == 0
+    assert accepted > 0 and load.requests * 3 > accepted + 2048  # some were dropped
+    assert other_lines == [
+        "Zipkin export slower than the spans come; span queue full, new spans dropped"
+    ]
+
+
 # -- The receiver itself: its checks can fail ------------------------------------------------------
 
 VALID_SPAN: Span = {

@@ -8,7 +8,8 @@ optional field set to null counts as absent (OpenTelemetry's exporter sends `"ki
 internal spans); a null ID or tag value is still an error.
 
 A receiver can also misbehave as a real Zipkin sometimes does: `behaviour="error"` answers every
-POST 500, `behaviour="hang"` reads it and never answers (until the receiver is closed).
+POST 500, `behaviour="hang"` reads it and never answers (until the receiver is closed), and
+`behaviour="slow"` accepts each after SLOW_ANSWER_SECONDS.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import jsonschema
 
 SPANS_PATH = "/api/v2/spans"
-BEHAVIOURS = ("accept", "error", "hang")
+BEHAVIOURS = ("accept", "error", "hang", "slow")
+SLOW_ANSWER_SECONDS = 0.8  # with the checks of 512 spans, well under the export timeout of 2 s
 ERROR_BODY = "storage is full"  # what the 500 says, so a test can look for it in the log
 HEX_64_BITS = "^[0-9a-f]{16}$"
 
@@ -142,6 +144,8 @@ def _handler(receiver: ZipkinReceiver) -> type[BaseHTTPRequestHandler]:
                 receiver.closing.wait()
                 self.close_connection = True
                 return  # no answer at all
+            if receiver.behaviour == "slow":
+                receiver.closing.wait(SLOW_ANSWER_SECONDS)
             if receiver.behaviour == "error":
                 self._answer(500, ERROR_BODY)
                 return
