@@ -6,7 +6,12 @@ loads (both share the same two cores in the demo). It speaks just enough HTTP/1.
 
 A request that gets no complete response (refused, reset, timed out, garbled) counts as an error,
 as does any non-2xx status. The worker then reconnects, backing off while the target is down so a
-dead server costs a few attempts a second rather than a busy loop.
+dead server costs a few attempts a second rather than a busy loop. A target that has answered
+nothing for TARGET_GONE_SECONDS and cannot be connected to (refused, or closed before answering)
+is gone: the run stops there and says so, rather than spend its budget on it. A target that only
+hangs is not gone: its requests time out, one by one.
+
+At the deadline of a run with a duration, the requests in flight are cancelled and not counted.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ REQUEST_TIMEOUT_SECONDS = 20.0  # hey's default: a stuck request becomes an erro
 RECONNECT_DELAY_SECONDS = 0.05
 RECONNECT_DELAY_MAX_SECONDS = 1.0
 BODILESS_STATUSES = (204, 304)
+TARGET_GONE_SECONDS = 10.0  # longer than a container takes to restart after an out-of-memory kill
 
 ProgressCallback = Callable[[int, int, float], None]
 
@@ -36,6 +42,10 @@ class TargetUnreachable(Exception):
 
 class BadResponse(Exception):
     """The server sent something that is not an HTTP/1.x response we can frame."""
+
+
+class TargetGone(Exception):
+    """The target has not answered for TARGET_GONE_SECONDS, and refuses or drops connections."""
 
 
 # A request that ends in one of these got no usable response (OSError covers resets and timeouts).
@@ -55,6 +65,10 @@ class LoadResult:
     duration_seconds: float
     latencies_seconds: array[float]  # one per response; an array of doubles stays compact
     status_counts: dict[int, int]
+    stop_reason: str | None = None  # why the run stopped before its end, if it did
+
+    def successes(self) -> int:
+        return sum(count for status, count in self.status_counts.items() if status // 100 == 2)
 
     def requests_per_second(self) -> float:
         return self.requests / self.duration_seconds if self.duration_seconds > 0 else 0.0
@@ -171,11 +185,11 @@ async def _read_chunked_body(reader: asyncio.StreamReader) -> None:
 class _Load:
     """Shared state of one run; every worker runs on the same event loop, so no locks."""
 
-    def __init__(self, target: Target, requests: int | None, duration: float | None) -> None:
+    def __init__(self, target: Target, requests: int | None) -> None:
         self.target = target
         self.remaining = requests  # None: no request budget
         self.started = time.monotonic()
-        self.deadline = None if duration is None else self.started + duration  # None: no limit
+        self.last_answer = self.started  # the target's check has just answered
         self.done = 0
         self.errors = 0
         self.latencies: array[float] = array("d")
@@ -183,8 +197,6 @@ class _Load:
 
     def claim(self) -> bool:
         """Take the next request from the budget, if the run is not over."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return False
         if self.remaining is None:
             return True
         if self.remaining <= 0:
@@ -206,8 +218,9 @@ class _Load:
                 if writer is None:
                     try:
                         reader, writer = await asyncio.open_connection(target.host, target.port)
-                    except OSError:
+                    except OSError as error:
                         self.errors += 1
+                        self.check_gone(error)
                         await backoff.wait()
                         continue
                     fresh = True
@@ -216,13 +229,16 @@ class _Load:
                     async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
                         writer.write(request)
                         status, keep_alive = await read_response(reader)
-                except NO_RESPONSE_ERRORS:
+                except NO_RESPONSE_ERRORS as error:
                     self.errors += 1
                     writer.close()
                     writer = None
                     if fresh:  # it accepts connections but does not answer: treat it as down
+                        if not isinstance(error, TimeoutError):  # hanging is not gone
+                            self.check_gone(error)
                         await backoff.wait()
                     continue
+                self.last_answer = time.monotonic()
                 latencies.append(time.perf_counter() - started)
                 self.done += 1
                 status_counts[status] = status_counts.get(status, 0) + 1
@@ -237,6 +253,14 @@ class _Load:
         finally:
             if writer is not None:
                 writer.close()
+
+    def check_gone(self, error: Exception) -> None:
+        """After a connection that failed: raise TargetGone if nothing has answered for long."""
+        silent = time.monotonic() - self.last_answer
+        if silent >= TARGET_GONE_SECONDS:
+            raise TargetGone(
+                f"{self.target.url} has not answered for {silent:.1f} s ({_reason(error)})"
+            )
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -276,15 +300,23 @@ async def check_target(target: Target) -> None:
             f"{target.url} did not answer within {CHECK_TIMEOUT_SECONDS:g} s"
         ) from error
     except OSError as error:
-        # asyncio words a refused connection "Connect call failed"; the errno says why.
-        # (Name lookup errors have negative codes and a good message already.)
-        has_errno = error.errno is not None and error.errno > 0
-        reason = os.strerror(error.errno) if has_errno else error.strerror or str(error)
-        raise TargetUnreachable(f"cannot reach {target.url}: {reason}") from error
+        raise TargetUnreachable(f"cannot reach {target.url}: {_reason(error)}") from error
     except asyncio.IncompleteReadError as error:
         raise TargetUnreachable(f"{target.url} closed the connection without answering") from error
     except NO_RESPONSE_ERRORS as error:  # anything else that is not an HTTP response
         raise TargetUnreachable(f"{target.url} did not answer with HTTP: {error}") from error
+
+
+def _reason(error: Exception) -> str:
+    """Why a connection failed, in a few words."""
+    if isinstance(error, OSError):
+        # asyncio words a refused connection "Connect call failed"; the errno says why.
+        # (Name lookup errors have negative codes and a good message already.)
+        has_errno = error.errno is not None and error.errno > 0
+        return os.strerror(error.errno) if has_errno else error.strerror or str(error)
+    if isinstance(error, asyncio.IncompleteReadError):
+        return "connection closed without an answer"
+    return str(error) or type(error).__name__
 
 
 async def run_load(
@@ -297,11 +329,12 @@ async def run_load(
 ) -> LoadResult:
     """Send GET requests to `url` from `concurrency` keep-alive connections.
 
-    Stops after `requests` requests in total, after `duration` seconds, or, with neither, when
-    cancelled; a cancelled run returns what it did. `on_progress(done, errors, elapsed)` is called
-    every `progress_interval` seconds and once at the end. The request that checks the target
-    first is not counted. Raises TargetUnreachable if that check fails, ValueError for a URL or
-    an argument it cannot use.
+    Stops after `requests` requests in total, after `duration` seconds (cancelling the requests
+    in flight), or, with neither, when cancelled; a cancelled run returns what it did. Stops early
+    when the target is gone (see the module's comment), with the reason in `stop_reason`.
+    `on_progress(done, errors, elapsed)` is called every `progress_interval` seconds and once at
+    the end. The request that checks the target first is not counted. Raises TargetUnreachable if
+    that check fails, ValueError for a URL or an argument it cannot use.
     """
     target = Target.from_url(url)
     if concurrency < 1:
@@ -314,14 +347,20 @@ async def run_load(
         raise ValueError(f"progress_interval must be positive, not {progress_interval}")
     await check_target(target)
 
-    load = _Load(target, requests, duration)
+    load = _Load(target, requests)
     worker_count = concurrency if requests is None else min(concurrency, requests)
     workers = [asyncio.create_task(load.worker()) for _ in range(worker_count)]
     tasks = list(workers)
     if on_progress is not None:
         tasks.append(asyncio.create_task(load.report_progress(on_progress, progress_interval)))
+    stop_reason = None
     try:
-        await asyncio.gather(*workers)
+        async with asyncio.timeout(duration):  # None: no deadline
+            await asyncio.gather(*workers)
+    except TimeoutError:  # the deadline; the workers catch their own requests' timeouts
+        pass
+    except TargetGone as gone:
+        stop_reason = str(gone)
     except asyncio.CancelledError:
         # "Run until cancelled": what was done so far is the result. The cancellation is handled
         # here, so the task is no longer marked as being cancelled (asyncio.timeout relies on it).
@@ -335,4 +374,6 @@ async def run_load(
     elapsed = load.elapsed()
     if on_progress is not None:
         on_progress(load.done, load.errors, elapsed)
-    return LoadResult(load.done, load.errors, elapsed, load.latencies, load.status_counts)
+    return LoadResult(
+        load.done, load.errors, elapsed, load.latencies, load.status_counts, stop_reason
+    )

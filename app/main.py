@@ -25,8 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import asgi_pprof
+from app.server import AnswerWhenCancelled
 from app.settings import Settings, SettingsError
-from app.tracing import configure_tracing
+from app.tracing import configure_tracing, shutdown_tracing
 
 
 class OpenTelemetryPerRequest:
@@ -48,8 +49,10 @@ def create_app(settings: Settings) -> FastAPI:
             # After the imports, so that startup stays fast.
             asgi_pprof.start_tracing(settings.tracemalloc_frames)
         yield
-        # Send the queued spans: uvicorn re-raises SIGTERM after shutdown, so atexit never runs.
-        tracer_provider.shutdown()
+        # Send the queued spans, for a bounded time: uvicorn re-raises SIGTERM after shutdown, so
+        # atexit never runs. The requests cut off by `leaker serve`'s graceful-shutdown timeout
+        # were cancelled just before this: unless their clean-up waits, their spans have ended.
+        shutdown_tracing(tracer_provider)
 
     # FastAPI's native telemetry would add a second SERVER span per request.
     no_telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
@@ -72,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(OpenTelemetryPerRequest)
     else:
         app.add_middleware(OpenTelemetryMiddleware)  # the fix: one wrapper, built once at startup
+    app.add_middleware(AnswerWhenCancelled)  # at shutdown: a 503 for a profile cut short
     return app
 
 

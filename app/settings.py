@@ -6,14 +6,23 @@ typo in a compose file fails loudly instead of running the wrong experiment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 LEAK_MODES = ("leaky", "fixed")
 TRACES_EXPORTERS = ("zipkin", "console", "none")
 TRACEMALLOC_STARTS = ("startup", "on-demand")
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+URL_SCHEMES = ("http", "https")
+# Fewer digits than a signed 64-bit integer holds, and checked before int(), which refuses more
+# than 4,300 digits with a traceback.
+MAX_INTEGER_DIGITS = 18
+REGISTERED_HOST_NAME = re.compile(r"[\w.-]+")  # letters (any script), digits, _, . and -
+MAX_SHOWN_LENGTH = 40  # of a bad value, in the error message
 
 
 class SettingsError(ValueError):
@@ -48,13 +57,50 @@ class Settings:
             ),
         )
 
+    def describe(self) -> str:
+        """One line for the log at startup, so that two services side by side are told apart."""
+        return ", ".join(
+            [f"LEAK_MODE={self.leak_mode}", self._describe_profiler(), self._describe_traces()]
+        )
+
+    def _describe_profiler(self) -> str:
+        if not self.pprof_enabled:
+            return "no /debug/pprof/ (PPROF_ENABLED=false)"
+        return (
+            f"heap profiler tracemalloc ({self.tracemalloc_start}, "
+            f"{self.tracemalloc_frames} frames)"
+        )
+
+    def _describe_traces(self) -> str:
+        if self.traces_exporter == "none":
+            return "no traces (OTEL_TRACES_EXPORTER=none)"
+        if self.traces_exporter == "console":
+            return f"traces of {self.service_name!r} to the console"
+        endpoint = _without_password(self.zipkin_endpoint)
+        return f"traces of {self.service_name!r} to Zipkin at {endpoint}"
+
+
+# What each variable does, for `leaker serve --help`: every one that Settings.from_environ reads.
+ENVIRONMENT_VARIABLES = {
+    "LEAK_MODE": f"{' or '.join(LEAK_MODES)}: the OpenTelemetry wrapper built per request, or once "
+    f"(default: {Settings.leak_mode})",
+    "OTEL_SERVICE_NAME": f"the service's name in its traces (default: {Settings.service_name})",
+    "OTEL_TRACES_EXPORTER": f"{', '.join(TRACES_EXPORTERS)} (default: {Settings.traces_exporter})",
+    "OTEL_EXPORTER_ZIPKIN_ENDPOINT": f"where spans go (default: {Settings.zipkin_endpoint})",
+    "PPROF_ENABLED": "true or false: serve /debug/pprof/ (default: true)",
+    "PPROF_TRACEMALLOC": f"{' or '.join(TRACEMALLOC_STARTS)}: tracemalloc traces from the start, "
+    f"or during heap windows only (default: {Settings.tracemalloc_start})",
+    "PPROF_TRACEMALLOC_FRAMES": "frames kept per traced allocation, 1 to 1000 "
+    f"(default: {Settings.tracemalloc_frames})",
+}
+
 
 def _choice(environ: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     value = environ.get(name, "").strip().lower() or default
     if value not in allowed:
         allowed_values = ", ".join(allowed)
         raise SettingsError(
-            f"{name}={environ[name]!r} is not allowed; use one of: {allowed_values}"
+            f"{name}={_shown(environ[name])} is not allowed; use one of: {allowed_values}"
         )
     return value
 
@@ -64,21 +110,71 @@ def _boolean(environ: Mapping[str, str], name: str, default: bool) -> bool:
     if not value:
         return default
     if value not in BOOLEANS:
-        raise SettingsError(f"{name}={environ[name]!r} is not allowed; use true or false")
+        raise SettingsError(f"{name}={_shown(environ[name])} is not allowed; use true or false")
     return BOOLEANS[value]
 
 
 def _integer(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """A whole number from `low` to `high` (0 or more: no sign), in ASCII digits.
+
+    str.isdigit() alone also passes "²" (which int() refuses) and "٣" (which int() reads as 3).
+    """
     value = environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise SettingsError(f"{name}={value!r} is not allowed; use an integer from {low} to {high}")
+    digits = value.isascii() and value.isdigit() and len(value) <= MAX_INTEGER_DIGITS
+    if not digits or not low <= int(value) <= high:
+        raise SettingsError(
+            f"{name}={_shown(value)} is not allowed; use an integer from {low} to {high}"
+        )
     return int(value)
 
 
 def _url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """An http:// or https:// URL (scheme in any case) with a host, and a port if any from 1."""
     value = environ.get(name, "").strip() or default
-    if not value.startswith(("http://", "https://")):
-        raise SettingsError(f"{name}={value!r} is not allowed; use an http:// or https:// URL")
+    if not _is_http_url(value):
+        raise SettingsError(
+            f"{name}={_shown(value)} is not allowed; use an http:// or https:// URL with a host "
+            "(and a port from 1 to 65535, if any)"
+        )
     return value
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # refuses anything but ASCII digits up to 65535
+    except ValueError:  # such as an unclosed "[" or an IPv6 address that is not one
+        return False
+    host = parts.hostname or ""
+    if parts.scheme not in URL_SCHEMES or not host or port == 0:  # urlsplit lowers the scheme
+        return False
+    if "[" in parts.netloc:
+        return _is_ipv6(host)
+    return REGISTERED_HOST_NAME.fullmatch(host) is not None
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be logged: a password in it is replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_and_host = parts.netloc.rpartition("@")
+    user = user_and_host[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{user_and_host[2]}").geturl()
+
+
+def _shown(value: str) -> str:
+    """A bad value as the error message quotes it: a long one is cut short."""
+    if len(value) <= MAX_SHOWN_LENGTH:
+        return repr(value)
+    return f"{value[:MAX_SHOWN_LENGTH]!r}... ({len(value)} characters)"

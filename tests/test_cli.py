@@ -18,6 +18,7 @@ import tty
 import types
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 
 import app
 from app.cli import main
+from app.settings import ENVIRONMENT_VARIABLES
 from tests.service import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +48,12 @@ def leaker(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 class CountingHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the load generator expects
     served = 0
+    dead = False  # set: kept-alive connections are closed unanswered, as by a crash
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server looks for)
+        if type(self).dead:
+            self.close_connection = True
+            return
         type(self).served += 1
         self.send_response(200)
         self.send_header("Content-Length", "3")
@@ -83,6 +89,131 @@ def test_load_prints_a_summary_and_exits_0(
     assert "errors:      0 " in finished.stdout
     assert "req/s:" in finished.stdout and "latency p99:" in finished.stdout
     assert handler.served == 150 + 1  # and the reachability check
+
+
+class HangingHandler(CountingHandler):
+    """Answers the first request (the load's check), then reads requests and never answers."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if type(self).served >= 1:
+            type(self).served += 1
+            time.sleep(60)  # a daemon thread: gone with the server
+            return
+        super().do_GET()
+
+
+class FailingHandler(CountingHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).served += 1
+        self.send_response(500)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"oops\n")
+
+
+@contextmanager
+def http_server(
+    handler_class: type[CountingHandler],
+) -> Iterator[tuple[str, type[CountingHandler]]]:
+    """Serve on a free loopback port until the block ends; then connections are refused."""
+    handler = type("Handler", (handler_class,), {"served": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_load_with_a_duration_against_a_hanging_target_ends_at_the_deadline() -> None:
+    with http_server(HangingHandler) as (url, _):
+        started = time.monotonic()
+        finished = leaker("load", "--url", url, "--concurrency", "4", "--duration", "2")
+        took = time.monotonic() - started
+
+    print(f"took {took:.1f} s:\n{finished.stdout}{finished.stderr}")
+    assert took < 5  # 2 s, and Python's start: not the 20 s a request may wait
+    assert "requests:    0\n" in finished.stdout  # the summary, with nothing answered
+    assert finished.returncode == 1  # nothing succeeded
+    assert "no request got a 2xx answer" in finished.stderr
+
+
+def test_load_of_only_500s_exits_1_after_its_summary() -> None:
+    with http_server(FailingHandler) as (url, _):
+        finished = leaker("load", "--url", url, "--concurrency", "2", "--requests", "20")
+
+    assert finished.returncode == 1
+    assert "statuses:    500: 20" in finished.stdout
+    assert "no request got a 2xx answer" in finished.stderr
+
+
+def test_load_of_a_target_that_dies_stops_within_seconds_and_exits_1() -> None:
+    process = None
+    with http_server(CountingHandler) as (url, handler):
+        process = subprocess.Popen(
+            [*LEAKER, "load", "--url", url, "--concurrency", "4", "--requests", "1000000"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while handler.served < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handler.dead = True
+    died = time.monotonic()  # the server is closed too: new connections are refused
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    took = time.monotonic() - died
+
+    print(f"stopped {took:.1f} s after the target died:\n{stdout}{stderr}")
+    assert took < 10 + 5  # TARGET_GONE_SECONDS, a backoff and Python's exit
+    assert process.returncode == 1
+    assert "requests:" in stdout  # the summary still
+    assert f"stopped early: {url} has not answered for" in stderr
+    assert "Connection refused" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_load_on_sigterm_prints_the_summary_and_exits_143(
+    counting_server: tuple[str, type[CountingHandler]],
+) -> None:
+    url, handler = counting_server
+    process = subprocess.Popen(
+        [*LEAKER, "load", "--url", url, "--concurrency", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while handler.served < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "requests:" in stdout and "latency p50:" in stdout
+    assert "Traceback" not in stderr
+
+
+def test_load_help_says_it_runs_until_ctrl_c_and_lists_the_exit_statuses() -> None:
+    finished = leaker("load", "--help")
+
+    assert finished.returncode == 0
+    text = " ".join(finished.stdout.split())
+    assert "Without --requests or --duration it runs until Ctrl-C" in text
+    assert "exit status:" in text
+    for status in ("0 ", "1 ", "2 ", "130 ", "143"):
+        assert f" {status}" in text
 
 
 def test_load_rewrites_one_progress_line_on_a_terminal(
@@ -218,6 +349,67 @@ def test_serve_logs_requests_only_when_asked(flags: tuple[str, ...], logged: boo
         process.kill()
 
     assert ('"GET / HTTP/1.1" 200' in output) == logged
+
+
+def test_serve_help_names_every_environment_variable_it_reads() -> None:
+    finished = leaker("serve", "--help")
+
+    assert finished.returncode == 0
+    assert finished.stdout.startswith("usage: leaker serve")
+    for name in ENVIRONMENT_VARIABLES:
+        assert f"  {name}  " in finished.stdout
+    assert "--header-timeout" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [("serve", "--bogus"), ("load", "--bogus", "--url", "http://127.0.0.1:1/")]
+)
+def test_a_bad_option_shows_its_command_s_usage(args: tuple[str, ...]) -> None:
+    finished = leaker(*args)
+
+    assert finished.returncode == 2
+    assert finished.stderr.startswith(f"usage: leaker {args[0]} ")
+    assert "unrecognized arguments: --bogus" in finished.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536", "http"])
+def test_serve_with_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    finished = leaker("serve", "--port", port)
+
+    assert finished.returncode == 2
+    assert finished.stderr.startswith("usage: leaker serve ")
+    assert "--port" in finished.stderr and port in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_serve_says_at_startup_which_experiment_it_runs() -> None:
+    lines = []
+    for env in (
+        {"LEAK_MODE": "leaky", "OTEL_TRACES_EXPORTER": "none"},
+        {
+            "LEAK_MODE": "fixed",
+            "PPROF_TRACEMALLOC": "startup",
+            "PPROF_TRACEMALLOC_FRAMES": "16",
+            "OTEL_TRACES_EXPORTER": "zipkin",
+            "OTEL_EXPORTER_ZIPKIN_ENDPOINT": "http://127.0.0.1:1/api/v2/spans",  # nobody there
+        },
+    ):
+        process, url = start_serve(env=env)
+        try:
+            get_when_up(process, url)
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=15)
+        finally:
+            process.kill()
+        lines.append(output.splitlines()[0])
+
+    print("\n".join(lines))
+    leaky, fixed = lines
+    assert leaky.startswith("leaker serve: LEAK_MODE=leaky, ")
+    assert "tracemalloc (on-demand, 8 frames)" in leaky and "no traces" in leaky
+    assert fixed.startswith("leaker serve: LEAK_MODE=fixed, ")
+    assert "tracemalloc (startup, 16 frames)" in fixed
+    assert "Zipkin at http://127.0.0.1:1/api/v2/spans" in fixed
 
 
 def test_serve_with_an_invalid_leak_mode_names_the_setting() -> None:

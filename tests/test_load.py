@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app import load as load_module
 from app.load import LoadResult, TargetUnreachable, run_load
 from tests.service import free_port, running_service
 
@@ -24,15 +25,24 @@ class TinyServer:
     """An HTTP/1.1 server on a free loopback port that counts the requests it reads and answers.
 
     Each request gets `response`, then the connection is closed if `closes`. With `drop_every=k`,
-    every k-th request on a connection is read and the connection closed without an answer.
+    every k-th request on a connection is read and the connection closed without an answer. With
+    `answers=n`, only the first n requests of all are answered; each later one is read, then
+    `then` happens: "hang" (no answer, the connection left open) or "close" (closed unanswered).
     """
 
     def __init__(
-        self, response: bytes = OK, closes: bool = False, drop_every: int | None = None
+        self,
+        response: bytes = OK,
+        closes: bool = False,
+        drop_every: int | None = None,
+        answers: int | None = None,
+        then: str = "hang",
     ) -> None:
         self.response = response
         self.closes = closes
         self.drop_every = drop_every
+        self.answers = answers
+        self.then = then
         self.port = 0
         self.connections = 0
         self.received = 0
@@ -72,6 +82,10 @@ class TinyServer:
                 on_this_connection += 1
                 if self.drop_every and on_this_connection % self.drop_every == 0:
                     return
+                if self.answers is not None and self.answered >= self.answers:
+                    if self.then == "close":
+                        return
+                    await asyncio.Event().wait()  # until the server stops and cancels this
                 writer.write(self.response)
                 self.answered += 1
                 if self.closes:
@@ -202,7 +216,64 @@ def test_a_duration_bounds_the_run() -> None:
     result = run_with_server(server, lambda s: run_load(s.url, concurrency=5, duration=0.5))
 
     assert 0.5 <= result.duration_seconds < 1.5
-    assert result.requests == server.answered - 1 > 0
+    # At the deadline each worker's request in flight is cut short, answered or not: not counted.
+    assert server.answered - 1 - 5 <= result.requests <= server.answered - 1
+    assert result.requests > 0
+    assert result.errors == 0
+
+
+def test_a_duration_cuts_short_the_requests_still_waiting_at_the_deadline() -> None:
+    server = TinyServer(answers=1)  # the check, then nothing: every request hangs
+    result = run_with_server(server, lambda s: run_load(s.url, concurrency=3, duration=1.0))
+
+    # Not after the 20 s each request may wait for its answer.
+    assert 1.0 <= result.duration_seconds < 2.0
+    assert server.received > 1
+    assert result.requests == 0
+    assert result.errors == 0  # cut short by the deadline: not the target's fault
+    assert result.stop_reason is None
+
+
+@pytest.mark.parametrize("then", ["crash", "close"])
+def test_a_target_gone_for_good_stops_the_run_with_the_reason(
+    then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(load_module, "TARGET_GONE_SECONDS", 1.0)
+
+    async def crash_soon(server: TinyServer) -> LoadResult:
+        load = asyncio.create_task(run_load(server.url, concurrency=4, requests=1_000_000))
+        await asyncio.sleep(0.3)
+        await server.stop()
+        return await load
+
+    if then == "crash":  # it stops listening: connections are refused
+        server = TinyServer()
+        result = run_with_server(server, crash_soon)
+    else:  # it accepts connections and closes them unanswered, as Docker's proxy does
+        server = TinyServer(answers=300, then="close")
+        result = run_with_server(server, lambda s: run_load(s.url, concurrency=4, requests=10**6))
+
+    print(result.stop_reason, result.duration_seconds, result.errors)
+    assert result.stop_reason is not None
+    assert server.url in result.stop_reason and "has not answered for 1." in result.stop_reason
+    reason = "Connection refused" if then == "crash" else "closed without an answer"
+    assert reason in result.stop_reason
+    assert result.duration_seconds < 4.0
+    assert 0 < result.requests < 1_000_000
+    assert result.errors < 4 * 20  # backing off meanwhile
+
+
+def test_a_target_that_only_hangs_is_not_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(load_module, "TARGET_GONE_SECONDS", 0.3)
+    monkeypatch.setattr(load_module, "REQUEST_TIMEOUT_SECONDS", 0.2)
+    server = TinyServer(answers=1)
+    result = run_with_server(server, lambda s: run_load(s.url, concurrency=2, duration=1.5))
+
+    # Its requests time out one after another until the deadline.
+    assert result.stop_reason is None
+    assert 1.5 <= result.duration_seconds < 2.5
+    assert result.errors >= 2
+    assert result.requests == 0
 
 
 def test_a_cancelled_run_returns_what_it_did() -> None:

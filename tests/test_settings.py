@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from app.settings import Settings, SettingsError
+from app.settings import ENVIRONMENT_VARIABLES, Settings, SettingsError
 from tests.service import free_port, running_service
+from tests.zipkin_receiver import zipkin_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_FAILURE_TIMEOUT_SECONDS = 30  # importing FastAPI and OpenTelemetry takes ~1 s
@@ -28,6 +30,15 @@ INVALID_SETTINGS = [
     ("PPROF_TRACEMALLOC_FRAMES", "abc", ["1", "1000"]),
     ("PPROF_TRACEMALLOC_FRAMES", "1001", ["1", "1000"]),
     ("PPROF_TRACEMALLOC_FRAMES", "-5", ["1", "1000"]),
+    ("PPROF_TRACEMALLOC_FRAMES", "²", ["1", "1000"]),  # isdigit() says yes, int() says no
+    ("PPROF_TRACEMALLOC_FRAMES", "٣", ["1", "1000"]),  # an Arabic-Indic 3, which int() reads
+    ("PPROF_TRACEMALLOC_FRAMES", "+8", ["1", "1000"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://", ["http://", "https://", "host"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://[::1", ["http://", "https://", "host"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://localhost:99999/x", ["http://", "65535"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://localhost:0/x", ["http://", "65535"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://a b/", ["http://", "https://", "host"]),
+    ("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "ftp://zipkin/", ["http://", "https://"]),
 ]
 
 
@@ -100,7 +111,15 @@ def test_an_invalid_value_names_the_variable_and_what_it_accepts(
         assert word in message
 
 
-@pytest.mark.parametrize(("name", "value", "allowed"), INVALID_SETTINGS)
+# Each starts a Python process: one value per variable, and those that used to end in a traceback.
+SERVICE_REFUSALS = [
+    case
+    for case in INVALID_SETTINGS
+    if case[1] in ("bogus", "jaeger", "not-a-url", "maybe", "sometimes", "0", "²", "http://[::1")
+]
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), SERVICE_REFUSALS)
 def test_the_service_refuses_to_start_with_an_invalid_value(
     name: str, value: str, allowed: list[str]
 ) -> None:
@@ -118,7 +137,95 @@ def test_the_service_refuses_to_start_with_an_invalid_value(
     assert name in completed.stderr, output
     for word in allowed:
         assert word in completed.stderr, output
+    assert "Traceback" not in output
     assert "Uvicorn running" not in output  # it never started serving
+
+
+def test_a_value_with_thousands_of_digits_is_refused_in_a_short_message() -> None:
+    value = "1" * 5000  # int() refuses more than 4,300 digits, with a traceback
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_environ({"PPROF_TRACEMALLOC_FRAMES": value})
+    message = str(raised.value)
+    assert "PPROF_TRACEMALLOC_FRAMES" in message and "from 1 to 1000" in message
+    assert "5000 characters" in message
+    assert len(message) < 200
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "HTTP://zipkin:9411/api/v2/spans",  # schemes are case-insensitive
+        "Https://zipkin.example/api/v2/spans",
+        "http://[::1]:9411/api/v2/spans",
+        "http://zipkin/api/v2/spans",
+        "http://user:secret@zipkin:9411/api/v2/spans",
+    ],
+)
+def test_a_zipkin_endpoint_with_a_host_is_accepted_as_given(endpoint: str) -> None:
+    settings = Settings.from_environ({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": endpoint})
+    assert settings.zipkin_endpoint == endpoint
+
+
+def test_spans_reach_an_endpoint_written_in_capitals(tmp_path: Path) -> None:
+    with zipkin_receiver() as receiver:
+        endpoint = receiver.endpoint.replace("http://", "HTTP://")
+        env = {"OTEL_TRACES_EXPORTER": "zipkin", "OTEL_EXPORTER_ZIPKIN_ENDPOINT": endpoint}
+        with running_service(env, tmp_path) as service:
+            assert status_of(service.url + "/") == 200
+            deadline = time.monotonic() + 30  # the batch processor exports every 5 s
+            while not receiver.received() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert receiver.received()
+        assert receiver.rejected() == []
+
+
+class RecordingEnvironment(dict[str, str]):
+    """An empty environment that remembers every name it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        return super().__getitem__(name)
+
+
+def test_every_variable_read_is_documented_for_serve_help() -> None:
+    environ = RecordingEnvironment()
+    Settings.from_environ(environ)
+
+    assert environ.asked  # the recording works
+    assert environ.asked == set(ENVIRONMENT_VARIABLES)
+
+
+def test_the_startup_line_names_the_mode_the_profiler_and_where_traces_go() -> None:
+    default = Settings().describe()
+    assert "LEAK_MODE=leaky" in default
+    assert "tracemalloc (on-demand, 8 frames)" in default
+    assert "Zipkin at http://localhost:9411/api/v2/spans" in default
+
+    other = Settings.from_environ(
+        {
+            "LEAK_MODE": "fixed",
+            "PPROF_TRACEMALLOC": "startup",
+            "PPROF_TRACEMALLOC_FRAMES": "32",
+            "OTEL_SERVICE_NAME": "checkout",
+            "OTEL_EXPORTER_ZIPKIN_ENDPOINT": "http://ops:s3cret@zipkin:9411/api/v2/spans",
+        }
+    ).describe()
+    assert "LEAK_MODE=fixed" in other and "tracemalloc (startup, 32 frames)" in other
+    assert "'checkout'" in other
+    assert "http://ops:***@zipkin:9411/api/v2/spans" in other and "s3cret" not in other
+    assert "\n" not in other
+
+    quiet = Settings(pprof_enabled=False, traces_exporter="none").describe()
+    assert "PPROF_ENABLED=false" in quiet and "OTEL_TRACES_EXPORTER=none" in quiet
+    assert "console" in Settings(traces_exporter="console").describe()
 
 
 def test_the_service_starts_with_valid_values_in_any_case(tmp_path: Path) -> None:

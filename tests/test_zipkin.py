@@ -20,7 +20,7 @@ import pytest
 
 from app.load import run_load
 from tests.service import Service, free_port, running_service
-from tests.zipkin_receiver import ZipkinReceiver, zipkin_receiver
+from tests.zipkin_receiver import ERROR_BODY, ZipkinReceiver, zipkin_receiver
 
 SERVICE_NAME = "leaker-zipkin-contract"
 USER_AGENT = "zipkin-contract-test"  # marks our requests, apart from running_service's own
@@ -164,6 +164,80 @@ def test_fixed_mode_serves_without_growing_while_zipkin_is_unreachable(tmp_path:
     assert not any("Traceback" in line for line in log_lines)
 
 
+ERRORING_REQUESTS = 3000  # three spans each: some 17 batches of 512, each answered 500
+FAILED_BATCHES_DEADLINE_SECONDS = 30.0
+
+
+def test_a_zipkin_answering_500_costs_one_log_line_a_minute_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    with zipkin_receiver(behaviour="error") as receiver:
+        with running_service(zipkin_env(receiver.endpoint, "fixed"), tmp_path) as service:
+            load = asyncio.run(
+                run_load(service.url + "/", concurrency=20, requests=ERRORING_REQUESTS)
+            )
+            deadline = time.monotonic() + FAILED_BATCHES_DEADLINE_SECONDS
+            while receiver.posted() < 10 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            posted = receiver.posted()
+            log_lines = service.log().splitlines()
+
+    other_lines = [line for line in log_lines if not line.startswith("INFO:")]
+    print(f"{posted} batches answered 500; log lines other than INFO:\n" + "\n".join(other_lines))
+    assert load.errors == 0
+    assert posted >= 10
+    # One line (the test lasts less than a minute) from our exporter, with Zipkin's answer in it;
+    # none from the Zipkin exporter's own logger ("Traces cannot be uploaded", once per batch).
+    assert len(other_lines) == 1
+    assert "Zipkin export failing" in other_lines[0]
+    assert "status code: 500" in other_lines[0] and ERROR_BODY in other_lines[0]
+
+
+HANGING_LOAD_SECONDS = 25  # over one of the SDK's 20 s windows for its "Queue full" warning
+
+
+def test_a_hanging_zipkin_costs_one_log_line_a_minute_queue_warnings_included(
+    tmp_path: Path,
+) -> None:
+    with zipkin_receiver(behaviour="hang") as receiver:
+        with running_service(zipkin_env(receiver.endpoint, "fixed"), tmp_path) as service:
+            load = asyncio.run(
+                run_load(service.url + "/", concurrency=10, duration=HANGING_LOAD_SECONDS)
+            )
+            log_lines = service.log().splitlines()
+        posted = receiver.posted()
+
+    other_lines = [line for line in log_lines if not line.startswith("INFO:")]
+    print(
+        f"{load.requests} requests, {posted} batches posted and never answered; log lines other "
+        "than INFO:\n" + "\n".join(other_lines)
+    )
+    assert load.errors == 0
+    # Spans came faster than a hanging Zipkin takes them (512 per 2 s timeout): the queue filled.
+    assert load.requests * 3 > posted * 512 + 2048
+    assert len(other_lines) == 1
+    assert "Zipkin export failing" in other_lines[0] and "timed out" in other_lines[0]
+
+
+def test_a_zipkin_slower_than_the_spans_is_reported_once_a_minute(tmp_path: Path) -> None:
+    with zipkin_receiver(behaviour="slow") as receiver:
+        with running_service(zipkin_env(receiver.endpoint, "fixed"), tmp_path) as service:
+            load = asyncio.run(
+                run_load(service.url + "/", concurrency=10, duration=HANGING_LOAD_SECONDS)
+            )
+            log_lines = service.log().splitlines()
+        accepted = len(receiver.received())
+
+    other_lines = [line for line in log_lines if not line.startswith("INFO:")]
+    print(f"{load.requests} requests, {accepted} spans accepted; other log lines:")
+    print("\n".join(other_lines))
+    assert load.errors == 0
+    assert accepted > 0 and load.requests * 3 > accepted + 2048  # some were dropped
+    assert other_lines == [
+        "Zipkin export slower than the spans come; span queue full, new spans dropped"
+    ]
+
+
 # -- The receiver itself: its checks can fail ------------------------------------------------------
 
 VALID_SPAN: Span = {
@@ -230,6 +304,22 @@ def test_the_receiver_rejects_a_body_that_is_not_a_list_of_spans(body: bytes) ->
     with zipkin_receiver() as receiver:
         assert post(receiver, body) == 400
         assert len(receiver.rejected()) == 1
+
+
+@pytest.mark.parametrize("behaviour", ["error", "hang"])
+def test_a_misbehaving_receiver_counts_the_posts_it_does_not_accept(behaviour: str) -> None:
+    body = json.dumps([VALID_SPAN]).encode()
+    with zipkin_receiver(behaviour) as receiver:
+        request = urllib.request.Request(
+            receiver.endpoint, data=body, headers={"Content-Type": "application/json"}
+        )
+        if behaviour == "error":
+            assert post(receiver, body) == 500
+        else:
+            with pytest.raises(TimeoutError):
+                urllib.request.urlopen(request, timeout=0.5)
+        assert receiver.posted() == 1
+        assert receiver.received() == []
 
 
 def test_the_receiver_refuses_other_encodings() -> None:

@@ -6,6 +6,10 @@ that the service never sent one. The span rules below are the Span, Endpoint and
 definitions of Zipkin's API, written out as a JSON Schema. As in Zipkin's own JSON reader, an
 optional field set to null counts as absent (OpenTelemetry's exporter sends `"kind": null` for
 internal spans); a null ID or tag value is still an error.
+
+A receiver can also misbehave as a real Zipkin sometimes does: `behaviour="error"` answers every
+POST 500, `behaviour="hang"` reads it and never answers (until the receiver is closed), and
+`behaviour="slow"` accepts each after SLOW_ANSWER_SECONDS.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Any
 import jsonschema
 
 SPANS_PATH = "/api/v2/spans"
+BEHAVIOURS = ("accept", "error", "hang", "slow")
+SLOW_ANSWER_SECONDS = 0.8  # with the checks of 512 spans, well under the export timeout of 2 s
+ERROR_BODY = "storage is full"  # what the 500 says, so a test can look for it in the log
 HEX_64_BITS = "^[0-9a-f]{16}$"
 
 ENDPOINT_SCHEMA: dict[str, Any] = {
@@ -104,9 +111,16 @@ def span_list_errors(body: Any) -> list[str]:
 @dataclass
 class ZipkinReceiver:
     endpoint: str
+    behaviour: str = "accept"
     spans: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[str] = field(default_factory=list)  # why each rejected POST was rejected
+    posts: int = 0  # POSTs to the spans path, whatever was answered
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closing: threading.Event = field(default_factory=threading.Event)  # ends hanging answers
+
+    def posted(self) -> int:
+        with self.lock:
+            return self.posts
 
     def received(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -124,6 +138,17 @@ def _handler(receiver: ZipkinReceiver) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, "not found")
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            with receiver.lock:
+                receiver.posts += 1
+            if receiver.behaviour == "hang":
+                receiver.closing.wait()
+                self.close_connection = True
+                return  # no answer at all
+            if receiver.behaviour == "slow":
+                receiver.closing.wait(SLOW_ANSWER_SECONDS)
+            if receiver.behaviour == "error":
+                self._answer(500, ERROR_BODY)
+                return
             content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
             if content_type != "application/json":
                 self._reject(415, f"unsupported content type {content_type!r}")
@@ -166,9 +191,11 @@ def _handler(receiver: ZipkinReceiver) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def zipkin_receiver() -> Iterator[ZipkinReceiver]:
+def zipkin_receiver(behaviour: str = "accept") -> Iterator[ZipkinReceiver]:
     """Serve `POST /api/v2/spans` on a free loopback port until the block ends."""
-    receiver = ZipkinReceiver(endpoint="")
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"behaviour must be one of {BEHAVIOURS}, not {behaviour!r}")
+    receiver = ZipkinReceiver(endpoint="", behaviour=behaviour)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(receiver))
     receiver.endpoint = f"http://127.0.0.1:{server.server_address[1]}{SPANS_PATH}"
     thread = threading.Thread(
@@ -181,6 +208,7 @@ def zipkin_receiver() -> Iterator[ZipkinReceiver]:
     try:
         yield receiver
     finally:
+        receiver.closing.set()
         server.shutdown()
         server.server_close()
         thread.join()
