@@ -769,6 +769,22 @@ memprof_hooks_installed(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored
     return PyBool_FromLong(hooks[0].installed || hooks[1].installed);
 }
 
+PyDoc_STRVAR(set_busy_doc,
+"set_busy(busy)\n--\n\n"
+"Whether this thread is doing the profiler's own work (building a profile): while it is, its\n"
+"allocations are not sampled. One thread at a time: the caller holds a lock.");
+
+static PyObject *
+memprof_set_busy(PyObject *Py_UNUSED(module), PyObject *busy)
+{
+    int is_busy = PyObject_IsTrue(busy);
+    if (is_busy < 0) {
+        return NULL;
+    }
+    sampler.busy = is_busy ? _PyThreadState_GET() : NULL;
+    Py_RETURN_NONE;
+}
+
 static void
 after_fork_in_child(void)
 {
@@ -783,6 +799,7 @@ static PyMethodDef memprof_methods[] = {
     {"snapshot", memprof_snapshot, METH_NOARGS, snapshot_doc},
     {"stats", memprof_stats, METH_NOARGS, stats_doc},
     {"hooks_installed", memprof_hooks_installed, METH_NOARGS, hooks_installed_doc},
+    {"set_busy", memprof_set_busy, METH_O, set_busy_doc},
     {NULL, NULL, 0, NULL},
 };
 

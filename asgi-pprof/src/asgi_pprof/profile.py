@@ -21,7 +21,7 @@ _PROFILE_TIME_NANOS, _PROFILE_DURATION_NANOS, _PROFILE_PERIOD_TYPE, _PROFILE_PER
 _PROFILE_COMMENT, _PROFILE_DEFAULT_SAMPLE_TYPE = 13, 14
 _VALUE_TYPE_TYPE, _VALUE_TYPE_UNIT = 1, 2
 _SAMPLE_LOCATION_ID, _SAMPLE_VALUE, _SAMPLE_LABEL = 1, 2, 3
-_LABEL_KEY, _LABEL_STR = 1, 2
+_LABEL_KEY, _LABEL_STR, _LABEL_NUM = 1, 2, 3
 _MAPPING_ID, _MAPPING_FILENAME = 1, 5
 _MAPPING_HAS_FUNCTIONS, _MAPPING_HAS_FILENAMES, _MAPPING_HAS_LINE_NUMBERS = 7, 8, 9
 _LOCATION_ID, _LOCATION_MAPPING_ID, _LOCATION_ADDRESS, _LOCATION_LINE = 1, 2, 3, 4
@@ -114,11 +114,16 @@ class ProfileBuilder:
         return location_id
 
     def add_sample(
-        self, stack: Sequence[Frame], values: Sequence[int], labels: Mapping[str, str] = {}
+        self,
+        stack: Sequence[Frame],
+        values: Sequence[int],
+        labels: Mapping[str, str] = {},
+        num_labels: Mapping[str, int] = {},
     ) -> None:
         """Add one sample; `stack` is leaf first, as profile.proto wants location_id[0].
 
-        `labels` tag the sample (e.g. `thread`), for pprof's `-tags` and `-tagfocus`.
+        `labels` tag the sample (e.g. `thread`), `num_labels` with numbers (e.g. Go's `bytes`,
+        the block size of a heap sample), for pprof's `-tags` and `-tagfocus`.
         """
         location_ids = [self.location_id(frame) for frame in stack]
         ids_size, values_size = packed_size(location_ids), packed_size(values)
@@ -126,6 +131,9 @@ class ProfileBuilder:
         label_fields = [(self._string(key), self._string(value)) for key, value in labels.items()]
         for key_index, value_index in label_fields:
             size += field_size(_SAMPLE_LABEL, _label_size(key_index, value_index))
+        num_fields = [(self._string(key), value) for key, value in num_labels.items()]
+        for key_index, number in num_fields:
+            size += field_size(_SAMPLE_LABEL, _num_label_size(key_index, number))
         samples = self._samples  # written in place: one sample costs one list, not six buffers
         samples.key(_PROFILE_SAMPLE, LENGTH_DELIMITED)
         samples.varint(size)
@@ -136,6 +144,11 @@ class ProfileBuilder:
             samples.varint(_label_size(key_index, value_index))
             samples.integer(_LABEL_KEY, key_index)
             samples.integer(_LABEL_STR, value_index)
+        for key_index, number in num_fields:
+            samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
+            samples.varint(_num_label_size(key_index, number))
+            samples.integer(_LABEL_KEY, key_index)
+            samples.integer(_LABEL_NUM, number)
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
@@ -158,3 +171,8 @@ class ProfileBuilder:
 def _label_size(key_index: int, value_index: int) -> int:
     """The payload size of a Label with a key and a string value; index 0 ("") is not written."""
     return sum(1 + varint_size(index) for index in (key_index, value_index) if index)
+
+
+def _num_label_size(key_index: int, number: int) -> int:
+    """The payload size of a Label with a key and a number; zeros are not written."""
+    return sum(1 + varint_size(value) for value in (key_index, number) if value)
