@@ -13,6 +13,7 @@ from dataclasses import dataclass
 LEAK_MODES = ("leaky", "fixed")
 TRACES_EXPORTERS = ("zipkin", "console", "none")
 TRACEMALLOC_STARTS = ("startup", "on-demand")
+HEAP_PROFILERS = ("tracemalloc", "sampling")
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -29,6 +30,8 @@ class Settings:
     pprof_enabled: bool = True
     tracemalloc_start: str = "on-demand"
     tracemalloc_frames: int = 8  # the leak's deepest stack reaches app/main.py in 6 frames
+    heap_profiler: str = "tracemalloc"
+    mem_profile_rate: int = 524288  # Go's runtime.MemProfileRate: one sample per 512 KiB
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -45,6 +48,12 @@ class Settings:
             ),
             tracemalloc_frames=_integer(
                 environ, "PPROF_TRACEMALLOC_FRAMES", cls.tracemalloc_frames, 1, 1000
+            ),
+            heap_profiler=_choice(
+                environ, "PPROF_HEAP_PROFILER", HEAP_PROFILERS, cls.heap_profiler
+            ),
+            mem_profile_rate=_integer(
+                environ, "PPROF_MEM_PROFILE_RATE", cls.mem_profile_rate, 1, 1 << 40
             ),
         )
 
