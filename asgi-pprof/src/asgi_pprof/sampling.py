@@ -41,6 +41,7 @@ RATE_VARIABLE = "PPROF_MEM_PROFILE_RATE"
 MAX_RATE = 1 << 40
 
 Stack = tuple[Frame, ...]  # leaf first
+_OWN_FOLDER = os.path.dirname(__file__) + os.sep
 
 
 class SamplingUnavailable(RuntimeError):
@@ -146,7 +147,8 @@ def capture() -> SampledHeap:
     """The records now, their frames named; empty if the sampler is not running.
 
     Records whose stacks differ only by instruction offsets within a line are merged: profiles
-    show lines, and the block sizes stay apart.
+    show lines, and the block sizes stay apart. Blocks that the profiler's own lines allocated
+    (the little that `own_work` does not cover: entering it) are left out.
     """
     if _memprof is None:
         return SampledHeap([], DEFAULT_RATE, DEFAULT_FRAMES)
@@ -175,7 +177,11 @@ def _capture() -> SampledHeap:
         values[1] += frees
     del raw, frames_of  # the snapshot's references to code objects
     name_frames(named)
-    records = [Record(stack, size, a, f) for (stack, size), (a, f) in counts.items()]
+    records = [
+        Record(stack, size, allocs, frees)
+        for (stack, size), (allocs, frees) in counts.items()
+        if not (stack and stack[0][0].startswith(_OWN_FOLDER))
+    ]
     return SampledHeap(records, int(settings["rate"]), int(settings["max_frames"]))
 
 
