@@ -302,9 +302,7 @@ def allocating_thread(number: int, rounds: int, kept: list[list[bytearray]]) -> 
 def test_threads_allocating_concurrently_are_counted_exactly_at_rate_one(rate: int) -> None:
     sampling.start(rate=rate)
     kept: list[list[list[bytearray]]] = [[] for _ in range(8)]
-    threads = [
-        threading.Thread(target=allocating_thread, args=(n, 200, kept[n])) for n in range(8)
-    ]
+    threads = [threading.Thread(target=allocating_thread, args=(n, 200, kept[n])) for n in range(8)]
     for thread in threads:
         thread.start()
     while any(thread.is_alive() for thread in threads):
