@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import asgi_pprof
-
 LIBRARY = Path(__file__).resolve().parent.parent
-SOURCE = LIBRARY / "src" / "asgi_pprof" / "_memprof.c"
+PACKAGE_SOURCE = LIBRARY / "src" / "asgi_pprof"  # the sanitized run builds and runs the sources
+SOURCE = PACKAGE_SOURCE / "_memprof.c"
 WARNINGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wsign-compare", "-Wshadow"]
 SANITIZED_TESTS = ["tests/test_sampling.py", "tests/test_sampled_profiles.py"]
 UNDER_SANITIZER = "ASGI_PPROF_UNDER_SANITIZER"
@@ -69,7 +68,7 @@ def test_other_interpreters_refuse_with_the_reason(
         text=True,
     ).strip()
     package = tmp_path / "asgi_pprof"
-    shutil.copytree(Path(asgi_pprof.__file__).parent, package, ignore=_compiled)
+    shutil.copytree(PACKAGE_SOURCE, package, ignore=_compiled)
     compile_extension(gcc, package / f"_memprof{suffix}", include, "-O2")
     probe = (
         "from asgi_pprof import sampling\n"
@@ -104,7 +103,7 @@ def test_the_sampler_tests_run_clean_under_address_sanitizer(
     runtime = subprocess.check_output([gcc, "-print-file-name=libasan.so"], text=True).strip()
     assert os.path.isabs(runtime), "gcc has no libasan (Debian: libasan8, with gcc)"
     package = tmp_path / "asgi_pprof"
-    shutil.copytree(Path(asgi_pprof.__file__).parent, package, ignore=_compiled)
+    shutil.copytree(PACKAGE_SOURCE, package, ignore=_compiled)
     sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
     sanitize.append("-fno-sanitize-recover=all")  # any finding stops the run
     suffix = sysconfig.get_config_var("EXT_SUFFIX")

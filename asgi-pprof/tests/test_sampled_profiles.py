@@ -299,3 +299,15 @@ def test_frames_are_named_as_the_tracemalloc_profile_names_them() -> None:
         "test_sampled_profiles.Holder.method",
     }
     del keep
+
+
+def test_a_record_without_python_frames_encodes_as_a_sample_without_locations() -> None:
+    """An allocation made where no Python frame runs (a thread starting) has an empty stack."""
+    heap = SampledHeap([sampling.Record((), 64, 3, 1)], RATE, 64)
+    profile = decode(sampled_profile.build(heap, "heap"))
+    assert invariant_violations(profile) == []
+    assert [list(sample.location_id) for sample in profile.sample] == [[]]
+    assert list(profile.sample[0].value) == [
+        *scale_heap_sample(3, 192, RATE),
+        *scale_heap_sample(2, 128, RATE),
+    ]

@@ -74,6 +74,7 @@ typedef struct record {
     size_t size;
     uint64_t allocs;      /* sampled blocks allocated since start */
     uint64_t frees;       /* ... and freed since */
+    uint32_t index;       /* records are numbered from 0 in the order they are made */
     uint16_t nframe;
     frame_t frames[];     /* leaf first */
 } record_t;
@@ -111,6 +112,7 @@ static struct {
     volatile int forked;        /* set in a forked child: restart the totals at the next chance */
     uint64_t samples;           /* allocations sampled since start */
     uint64_t dropped;           /* samples lost because our own malloc failed */
+    uint64_t generation;        /* how many times it started: record numbers restart each time */
     tables_t tables;
     uint8_t filter[1 << FILTER_BITS];
 } sampler = {.bytes_until_sample = SIZE_MAX};
@@ -309,6 +311,7 @@ find_record(size_t size, const frame_t *frames, int nframe)
     record->hash = hash;
     record->size = size;
     record->nframe = (uint16_t)nframe;
+    record->index = (uint32_t)t->nrecords;
     for (int i = 0; i < nframe; i++) {
         record->frames[i] = frames[i];
         Py_INCREF(frames[i].code);  /* allocates nothing: safe inside malloc */
@@ -636,6 +639,7 @@ memprof_start(PyObject *Py_UNUSED(module), PyObject *args)
     sampler.rate = (size_t)rate;
     sampler.max_frames = max_frames;
     sampler.samples = sampler.dropped = 0;
+    sampler.generation++;
     sampler.forked = 0;
     sampler.busy = NULL;
     seed_random();
@@ -675,12 +679,14 @@ memprof_is_running(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(snapshot_doc,
-"snapshot()\n--\n\n"
-"The records: a list of (size, allocated, freed, frames) with counts of sampled blocks, and\n"
-"frames a flat tuple (code, line, code, line, ...) leaf first. Empty when not running.");
+"snapshot(known)\n--\n\n"
+"The records: a list of (index, size, allocated, freed, frames) with counts of sampled blocks;\n"
+"frames is a flat tuple (code, line, code, line, ...) leaf first, or None for the records\n"
+"numbered below `known`, whose stacks the caller has from an earlier snapshot of the same\n"
+"generation (stats()): a record's stack never changes. Empty when not running.");
 
 static PyObject *
-snapshot_record(const record_t *record)
+snapshot_frames(const record_t *record)
 {
     PyObject *frames = PyTuple_New(2 * (Py_ssize_t)record->nframe);
     if (frames == NULL) {
@@ -699,14 +705,33 @@ snapshot_record(const record_t *record)
         PyTuple_SET_ITEM(frames, 2 * i, (PyObject *)code);
         PyTuple_SET_ITEM(frames, 2 * i + 1, lineno);
     }
-    return Py_BuildValue("(nKKN)", (Py_ssize_t)record->size,
+    return frames;
+}
+
+static PyObject *
+snapshot_record(const record_t *record, Py_ssize_t known)
+{
+    PyObject *frames = Py_None;
+    Py_INCREF(frames);
+    if ((Py_ssize_t)record->index >= known) {
+        Py_DECREF(frames);
+        frames = snapshot_frames(record);
+        if (frames == NULL) {
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(InKKN)", (unsigned int)record->index, (Py_ssize_t)record->size,
                          (unsigned long long)record->allocs,
                          (unsigned long long)record->frees, frames);
 }
 
 static PyObject *
-memprof_snapshot(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+memprof_snapshot(PyObject *Py_UNUSED(module), PyObject *known_object)
 {
+    Py_ssize_t known = PyLong_AsSsize_t(known_object);
+    if (known == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
     PyObject *records = PyList_New(0);
     if (records == NULL || !sampler.running) {
         return records;
@@ -722,7 +747,7 @@ memprof_snapshot(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     const tables_t *t = &sampler.tables;
     for (size_t i = 0; i < t->record_buckets && records != NULL; i++) {
         for (const record_t *record = t->records[i]; record != NULL; record = record->next) {
-            PyObject *item = snapshot_record(record);
+            PyObject *item = snapshot_record(record, known);
             if (item == NULL || PyList_Append(records, item) < 0) {
                 Py_XDECREF(item);
                 Py_CLEAR(records);
@@ -748,12 +773,13 @@ memprof_stats(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
     const tables_t *t = &sampler.tables;
     size_t own = sampler.running ? t->own_bytes + sizeof(sampler.filter) : 0;
-    return Py_BuildValue("{s:O,s:n,s:i,s:K,s:K,s:n,s:n,s:n}",
+    return Py_BuildValue("{s:O,s:n,s:i,s:K,s:K,s:K,s:n,s:n,s:n}",
                          "running", sampler.running ? Py_True : Py_False,
                          "rate", (Py_ssize_t)sampler.rate,
                          "max_frames", sampler.max_frames,
                          "samples", (unsigned long long)sampler.samples,
                          "dropped", (unsigned long long)sampler.dropped,
+                         "generation", (unsigned long long)sampler.generation,
                          "records", (Py_ssize_t)t->nrecords,
                          "live_blocks", (Py_ssize_t)t->nblocks,
                          "own_bytes", (Py_ssize_t)own);
@@ -796,7 +822,7 @@ static PyMethodDef memprof_methods[] = {
     {"start", memprof_start, METH_VARARGS, start_doc},
     {"stop", memprof_stop, METH_NOARGS, stop_doc},
     {"is_running", memprof_is_running, METH_NOARGS, is_running_doc},
-    {"snapshot", memprof_snapshot, METH_NOARGS, snapshot_doc},
+    {"snapshot", memprof_snapshot, METH_O, snapshot_doc},
     {"stats", memprof_stats, METH_NOARGS, stats_doc},
     {"hooks_installed", memprof_hooks_installed, METH_NOARGS, hooks_installed_doc},
     {"set_busy", memprof_set_busy, METH_O, set_busy_doc},

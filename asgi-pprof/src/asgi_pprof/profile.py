@@ -51,6 +51,7 @@ class ProfileBuilder:
         self._function_ids: dict[tuple[str, str], int] = {}
         self._locations = ProtoWriter()
         self._location_ids: dict[Frame, int] = {}
+        self._encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
         self._samples = ProtoWriter()
         self._header = ProtoWriter()
         for type_, unit in sample_types:
@@ -113,6 +114,12 @@ class ProfileBuilder:
             self._locations.message(_PROFILE_LOCATION, location)
         return location_id
 
+    def _encoded_id(self, frame: Frame) -> bytes:
+        writer = ProtoWriter()
+        writer.varint(self.location_id(frame))
+        encoded = self._encoded_ids[frame] = bytes(writer.data)
+        return encoded
+
     def add_sample(
         self,
         stack: Sequence[Frame],
@@ -125,9 +132,16 @@ class ProfileBuilder:
         `labels` tag the sample (e.g. `thread`), `num_labels` with numbers (e.g. Go's `bytes`,
         the block size of a heap sample), for pprof's `-tags` and `-tagfocus`.
         """
-        location_ids = [self.location_id(frame) for frame in stack]
-        ids_size, values_size = packed_size(location_ids), packed_size(values)
-        size = field_size(_SAMPLE_LOCATION_ID, ids_size) + field_size(_SAMPLE_VALUE, values_size)
+        # A stack's ids are joined from each location's encoded id: deep stacks (the sampling
+        # profiler keeps 64 frames) would otherwise cost a Python varint loop per frame.
+        encoded = self._encoded_ids
+        location_ids = b"".join([encoded.get(frame) or self._encoded_id(frame) for frame in stack])
+        ids_size, values_size = len(location_ids), packed_size(values)
+        size = 0  # a packed field with nothing in it is not written, nor counted
+        if location_ids:
+            size += field_size(_SAMPLE_LOCATION_ID, ids_size)
+        if values:
+            size += field_size(_SAMPLE_VALUE, values_size)
         label_fields = [(self._string(key), self._string(value)) for key, value in labels.items()]
         for key_index, value_index in label_fields:
             size += field_size(_SAMPLE_LABEL, _label_size(key_index, value_index))
@@ -137,7 +151,8 @@ class ProfileBuilder:
         samples = self._samples  # written in place: one sample costs one list, not six buffers
         samples.key(_PROFILE_SAMPLE, LENGTH_DELIMITED)
         samples.varint(size)
-        samples.packed(_SAMPLE_LOCATION_ID, location_ids, ids_size)
+        if location_ids:
+            samples.bytes(_SAMPLE_LOCATION_ID, location_ids)
         samples.packed(_SAMPLE_VALUE, values, values_size)
         for key_index, value_index in label_fields:
             samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)

@@ -148,7 +148,8 @@ def capture() -> SampledHeap:
 
     Records whose stacks differ only by instruction offsets within a line are merged: profiles
     show lines, and the block sizes stay apart. Blocks that the profiler's own lines allocated
-    (the little that `own_work` does not cover: entering it) are left out.
+    (the little that `own_work` does not cover: entering it) are left out. Each record's stack
+    is read from the sampler and named once, at the first capture that sees it.
     """
     if _memprof is None:
         return SampledHeap([], DEFAULT_RATE, DEFAULT_FRAMES)
@@ -156,31 +157,66 @@ def capture() -> SampledHeap:
         return _capture()
 
 
-def _capture() -> SampledHeap:
-    with _lock:
-        settings = _memprof.stats()
-        raw = _memprof.snapshot()
-    frames_of: dict[tuple[CodeType, int], Frame] = {}
-    named: dict[Frame, tuple[str, int]] = {}
-    counts: dict[tuple[Stack, int], list[int]] = {}
-    for size, allocs, frees, flat in raw:
+class _KnownStacks:
+    """What earlier snapshots said of each record, by its number: a record's stack never
+    changes while the sampler runs, so it is read, named and grouped once."""
+
+    def __init__(self, generation: int = -1) -> None:
+        self.generation = generation  # the sampler's start count: numbers restart with it
+        self.group_of_record: list[int] = []
+        self.keys: list[tuple[Stack, int]] = []  # by group: (stack, block size)
+        self.own: list[bool] = []  # by group: allocated by the profiler's own lines
+        self.group_of_key: dict[tuple[Stack, int], int] = {}
+        self.frames: dict[tuple[int, int], Frame] = {}  # (id(code), line): the code is alive
+
+    def learn(self, size: int, flat: tuple[CodeType | int, ...]) -> None:
         stack = []
+        named: dict[Frame, tuple[str, int]] = {}
         for index in range(0, len(flat), 2):
             code, lineno = flat[index], flat[index + 1]
-            frame = frames_of.get((code, lineno))
+            assert isinstance(code, CodeType) and isinstance(lineno, int)
+            frame = self.frames.get((id(code), lineno))
             if frame is None:
-                frame = frames_of[code, lineno] = (code.co_filename, lineno)
-                named.setdefault(frame, function_of_code(code, lineno))
+                frame = self.frames[id(code), lineno] = (code.co_filename, lineno)
+                named[frame] = function_of_code(code, lineno)
             stack.append(frame)
-        values = counts.setdefault((tuple(stack), size), [0, 0])
+        name_frames(named)
+        key = (tuple(stack), size)
+        group = self.group_of_key.get(key)
+        if group is None:
+            group = self.group_of_key[key] = len(self.keys)
+            self.keys.append(key)
+            self.own.append(bool(stack) and stack[0][0].startswith(_OWN_FOLDER))
+        self.group_of_record.append(group)
+
+
+_known = _KnownStacks()
+
+
+def _first(record: tuple[int, ...]) -> int:
+    return record[0]
+
+
+def _capture() -> SampledHeap:
+    global _known
+    with _lock:
+        settings = _memprof.stats()
+        if settings["generation"] != _known.generation:
+            _known = _KnownStacks(int(settings["generation"]))
+        raw = _memprof.snapshot(len(_known.group_of_record))
+    for index, size, _, _, flat in sorted((r for r in raw if r[4] is not None), key=_first):
+        assert index == len(_known.group_of_record), "records are numbered without gaps"
+        _known.learn(size, flat)
+    counts = [[0, 0] for _ in _known.keys]
+    for index, _, allocs, frees, _ in raw:
+        values = counts[_known.group_of_record[index]]
         values[0] += allocs
         values[1] += frees
-    del raw, frames_of  # the snapshot's references to code objects
-    name_frames(named)
+    del raw  # the snapshot's references to code objects
     records = [
-        Record(stack, size, allocs, frees)
-        for (stack, size), (allocs, frees) in counts.items()
-        if not (stack and stack[0][0].startswith(_OWN_FOLDER))
+        Record(*_known.keys[group], allocs, frees)
+        for group, (allocs, frees) in enumerate(counts)
+        if allocs and not _known.own[group]
     ]
     return SampledHeap(records, int(settings["rate"]), int(settings["max_frames"]))
 
