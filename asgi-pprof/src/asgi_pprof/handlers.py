@@ -149,7 +149,8 @@ class PprofApp:
         return seconds
 
     async def heap(self, request: Request) -> Answer:
-        """In-use memory by allocating stack, from tracemalloc; `seconds=N` for the growth."""
+        """In-use memory by allocating stack, sampled if the sampler runs, else from tracemalloc;
+        `seconds=N` for the growth."""
         if sampling.is_running():
             return await self._sampled(request, "heap")
         query = request.query
