@@ -4,9 +4,11 @@
 
 An in-process app (plain ASGI calls, no trace export) serves N requests with the sampler at
 512 KiB from startup; then heap and allocs profiles are built as the endpoints build them
-(capture, unsample, encode), 20 times each: median and highest. Printed too: the sampler's own
+(capture, unsample, encode), 20 times each: median and highest, in CPU time (the shared machine
+inflates wall time) and wall time. Printed too: the sampler's own
 C memory (its tables and filter), its records and live sampled blocks, and the Python memory that
-building keeps (frame names, measured by tracemalloc wrapping the sampler). Goals: a heap profile
+building keeps (frame names, stacks, encoded locations: measured by tracemalloc wrapping the
+sampler). Goals: a heap profile
 in under 50 ms, the profiler's own memory under 2 MB.
 """
 
@@ -33,13 +35,16 @@ def build(name: str) -> bytes:
     return sampled_profile.build(sampling.capture(), name)
 
 
-def timed(work: object, times: int = 20) -> list[float]:
-    durations = []
+def timed(work: object, times: int = 20) -> tuple[list[float], list[float]]:
+    """Milliseconds of CPU time (this thread's: what a busy machine inflates least) and of wall
+    time, per call."""
+    cpu, wall = [], []
     for _ in range(times):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         work()  # type: ignore[operator]
-        durations.append((time.perf_counter() - started) * 1000)
-    return durations
+        cpu.append((time.thread_time() - started_cpu) * 1000)
+        wall.append((time.perf_counter() - started) * 1000)
+    return cpu, wall
 
 
 def main() -> int:
@@ -64,20 +69,20 @@ def main() -> int:
         "capture only": timed(sampling.capture),
     }
     stats = sampling.stats()
-    print(
-        f"\n| after {args.requests} {args.mode} requests, {args.rate} B | ms (median) | highest |"
-    )
-    print("| --- | ---: | ---: |")
-    for name, durations in results.items():
-        print(f"| build {name} | {statistics.median(durations):.1f} | {max(durations):.1f} |")
+    print(f"\n| after {args.requests} {args.mode} requests, {args.rate} B | CPU ms (median) | "
+          "highest | wall ms (median) | highest |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (cpu, wall) in results.items():
+        print(f"| build {name} | {statistics.median(cpu):.1f} | {max(cpu):.1f} | "
+              f"{statistics.median(wall):.1f} | {max(wall):.1f} |")  # fmt: skip
     own = int(stats["own_bytes"])
     print(f"\nprofile: {len(first)} bytes gzipped; records {stats['records']}, live sampled "
           f"blocks {stats['live_blocks']}, samples {stats['samples']}")  # fmt: skip
     print(f"sampler's own C memory (tables and filter): {own / 2**20:.2f} MiB")
-    print(f"Python memory kept by building (frame names): {kept_by_building / 2**20:.2f} MiB")
+    print(f"Python memory kept by building (names, tables): {kept_by_building / 2**20:.2f} MiB")
     print(f"total: {(own + kept_by_building) / 2**20:.2f} MiB (goal < 2 MiB)")
-    median_heap = statistics.median(results["heap"])
-    print(f"heap profile built in {median_heap:.1f} ms (goal < {BUILD_GOAL_MS} ms)")
+    median_heap = statistics.median(results["heap"][0])
+    print(f"heap profile built in {median_heap:.1f} ms of CPU (goal < {BUILD_GOAL_MS} ms)")
     return 0 if median_heap < BUILD_GOAL_MS and own + kept_by_building < MEMORY_GOAL_BYTES else 1
 
 

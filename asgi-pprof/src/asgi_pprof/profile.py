@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Mapping, Sequence
+from itertools import islice
 
 from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
 from asgi_pprof.symbolize import Frame, address_of, function_of
@@ -32,6 +33,28 @@ _FUNCTION_FILENAME, _FUNCTION_START_LINE = 4, 5
 _MAPPING_ID_PYTHON = 1
 
 
+class SharedTables:
+    """The strings, functions and locations of profiles that follow one another, encoded once.
+
+    The sampling heap profiler's stacks come back in every profile it answers: with one of these
+    kept between builds, each frame is named, numbered and encoded the first time only, and each
+    stack's location ids joined once. Every profile then carries all the locations seen so far
+    (profile.proto allows locations that no sample uses). Builds that share tables must not run at
+    the same time.
+    """
+
+    def __init__(self) -> None:
+        self.strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
+        self.encoded_strings = ProtoWriter()
+        self.strings_encoded = 0
+        self.functions = ProtoWriter()
+        self.function_ids: dict[tuple[str, str], int] = {}
+        self.locations = ProtoWriter()
+        self.location_ids: dict[Frame, int] = {}
+        self.encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
+        self.encoded_stacks: dict[tuple[Frame, ...], bytes] = {}
+
+
 class ProfileBuilder:
     """Collects samples and writes one profile.proto message."""
 
@@ -45,13 +68,16 @@ class ProfileBuilder:
         duration_nanos: int = 0,
         comments: Sequence[str] = (),
         mapping_file: str = "python",
+        tables: SharedTables | None = None,
     ) -> None:
-        self._strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
-        self._functions = ProtoWriter()
-        self._function_ids: dict[tuple[str, str], int] = {}
-        self._locations = ProtoWriter()
-        self._location_ids: dict[Frame, int] = {}
-        self._encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
+        self._shared = tables is not None
+        self._tables = tables = tables or SharedTables()
+        self._strings = tables.strings
+        self._functions = tables.functions
+        self._function_ids = tables.function_ids
+        self._locations = tables.locations
+        self._location_ids = tables.location_ids
+        self._encoded_ids = tables.encoded_ids
         self._samples = ProtoWriter()
         self._header = ProtoWriter()
         for type_, unit in sample_types:
@@ -135,7 +161,12 @@ class ProfileBuilder:
         # A stack's ids are joined from each location's encoded id: deep stacks (the sampling
         # profiler keeps 64 frames) would otherwise cost a Python varint loop per frame.
         encoded = self._encoded_ids
-        location_ids = b"".join([encoded.get(frame) or self._encoded_id(frame) for frame in stack])
+        key = tuple(stack) if self._shared else None  # a tuple stays itself: no copy
+        location_ids = self._tables.encoded_stacks.get(key) if key is not None else None
+        if location_ids is None:
+            location_ids = b"".join([encoded.get(f) or self._encoded_id(f) for f in stack])
+            if key is not None:
+                self._tables.encoded_stacks[key] = location_ids
         ids_size, values_size = len(location_ids), packed_size(values)
         size = 0  # a packed field with nothing in it is not written, nor counted
         if location_ids:
@@ -167,9 +198,11 @@ class ProfileBuilder:
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
-        strings = ProtoWriter()
-        for value in self._strings:  # dicts keep insertion order: the index order
+        tables = self._tables
+        strings = tables.encoded_strings
+        for value in islice(self._strings, tables.strings_encoded, None):  # the index order
             strings.string(_PROFILE_STRING_TABLE, value)
+        tables.strings_encoded = len(self._strings)
         body = b"".join(
             (
                 self._header.data,

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from asgi_pprof import sampling
-from asgi_pprof.profile import ProfileBuilder
+from asgi_pprof.profile import ProfileBuilder, SharedTables
 from asgi_pprof.sampling import SampledHeap, Stack, scale_heap_sample
 from asgi_pprof.symbolize import legacy_record
 
@@ -31,6 +31,7 @@ SAMPLE_TYPES = [
 DEFAULT_SAMPLE_TYPES = {"heap": "inuse_space", "allocs": "alloc_space"}
 
 Key = tuple[Stack, int]  # a stack and a block size
+_TABLES = SharedTables()  # used under sampling.own_work(): one build at a time
 
 
 @dataclass
@@ -65,8 +66,7 @@ def delta(end: SampledProfile, start: SampledProfile) -> SampledProfile:
             later[index] -= value
     growth = {key: v for key, v in values.items() if any(v)}
     duration_ns = end.time_ns - start.time_ns
-    seconds = duration_ns / 1e9
-    comments = [f"growth over {seconds:.1f}s: the profile at the end minus the one at the start"]
+    comments = ["growth: the profile at the end minus the one at the start (Duration above)"]
     return SampledProfile(growth, end.rate, end.frames, start.time_ns, duration_ns, comments)
 
 
@@ -79,7 +79,8 @@ def comments(rate: int, frames: int) -> list[str]:
 
 
 def encode(profile: SampledProfile, name: str) -> bytes:
-    """The gzipped profile.proto of `heap` or `allocs` (which differ in their default type)."""
+    """The gzipped profile.proto of `heap` or `allocs` (which differ in their default type).
+    Call it under `sampling.own_work()`, as `build` does: the tables are shared."""
     default = DEFAULT_SAMPLE_TYPES[name]
     builder = ProfileBuilder(
         sample_types=SAMPLE_TYPES,
@@ -90,6 +91,7 @@ def encode(profile: SampledProfile, name: str) -> bytes:
         duration_nanos=profile.duration_ns,
         comments=comments(profile.rate, profile.frames) + profile.comments,
         mapping_file="python" if not profile.duration_ns else "python (window growth)",
+        tables=_TABLES,  # every profile of the sampler repeats its stacks: encoded once
     )
     column = [type_ for type_, _ in SAMPLE_TYPES].index(default)
     ordered = sorted(profile.values.items(), key=lambda item: item[1][column], reverse=True)
