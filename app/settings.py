@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 LEAK_MODES = ("leaky", "fixed")
 TRACES_EXPORTERS = ("zipkin", "console", "none")
 TRACEMALLOC_STARTS = ("startup", "on-demand")
+HEAP_PROFILERS = ("tracemalloc", "sampling")
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 URL_SCHEMES = ("http", "https")
 # Fewer digits than a signed 64-bit integer holds, and checked before int(), which refuses more
@@ -38,6 +39,8 @@ class Settings:
     pprof_enabled: bool = True
     tracemalloc_start: str = "on-demand"
     tracemalloc_frames: int = 8  # the leak's deepest stack reaches app/main.py in 6 frames
+    heap_profiler: str = "tracemalloc"
+    mem_profile_rate: int = 524288  # Go's runtime.MemProfileRate: one sample per 512 KiB
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -55,6 +58,12 @@ class Settings:
             tracemalloc_frames=_integer(
                 environ, "PPROF_TRACEMALLOC_FRAMES", cls.tracemalloc_frames, 1, 1000
             ),
+            heap_profiler=_choice(
+                environ, "PPROF_HEAP_PROFILER", HEAP_PROFILERS, cls.heap_profiler
+            ),
+            mem_profile_rate=_integer(
+                environ, "PPROF_MEM_PROFILE_RATE", cls.mem_profile_rate, 1, 1 << 40
+            ),
         )
 
     def describe(self) -> str:
@@ -66,6 +75,8 @@ class Settings:
     def _describe_profiler(self) -> str:
         if not self.pprof_enabled:
             return "no /debug/pprof/ (PPROF_ENABLED=false)"
+        if self.heap_profiler == "sampling":
+            return f"heap profiler sampling (one sample per {self.mem_profile_rate:,} bytes)"
         return (
             f"heap profiler tracemalloc ({self.tracemalloc_start}, "
             f"{self.tracemalloc_frames} frames)"
@@ -92,6 +103,10 @@ ENVIRONMENT_VARIABLES = {
     f"or during heap windows only (default: {Settings.tracemalloc_start})",
     "PPROF_TRACEMALLOC_FRAMES": "frames kept per traced allocation, 1 to 1000 "
     f"(default: {Settings.tracemalloc_frames})",
+    "PPROF_HEAP_PROFILER": f"{' or '.join(HEAP_PROFILERS)}: every live block, exact and slow, or "
+    f"Go's sampling, nearly free (default: {Settings.heap_profiler})",
+    "PPROF_MEM_PROFILE_RATE": "sampling: one sample per this many bytes allocated, 1 to 2**40 "
+    f"(default: {Settings.mem_profile_rate})",
 }
 
 

@@ -14,7 +14,10 @@ then, from a machine with Go (or the standalone `pprof`):
     curl http://localhost:8080/debug/pprof/goroutine?debug=2           # every stack, in full
 
 The endpoints, as in Go:
-    heap       Live memory by allocating stack, from tracemalloc (see below).
+    heap       Live memory by allocating stack: sampled when the sampler runs (below), else
+               from tracemalloc.
+    allocs     With the sampler only: heap's data, by default what was allocated since it
+               started (alloc_space). Else 404, as Go answers for a profile it does not have.
     goroutine  Every thread's stack and every pending asyncio task's, of every event loop in the
                process: Python's goroutines. Tasks that never finish are the async leak. As in
                Go, where parked goroutines sit in runtime.gopark, `-top` shows where they wait
@@ -39,6 +42,13 @@ Query parameters, as in Go:
     seconds=N  heap, goroutine: the growth over N seconds (at the end minus at the start);
                profile: how long to sample. Anything but a whole number of seconds from 1 to 300
                is a 400 (where Go's profile would quietly take 30 s).
+
+With the sampling heap profiler (`asgi_pprof.start_sampling()` at startup; the service's
+PPROF_HEAP_PROFILER=sampling), `heap` and `allocs` answer at once, as Go's do: one allocation per
+`rate` bytes on average (PPROF_MEM_PROFILE_RATE, default 512 KiB) is recorded with its stack and
+followed until freed; profiles unsample the counts. seconds=N: the growth, not with debug (400,
+as in Go). No fork: built in a thread, in milliseconds. Each profile's comments and the index say
+which backend answered, at what rate.
 
 When tracemalloc is not tracing, `heap` without `seconds` waits for a default window (30 s, as Go's
 CPU profile does) instead of answering an empty profile that would read as "no leak": the window
@@ -65,7 +75,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from urllib.parse import parse_qsl
 
-from asgi_pprof import asgi, cpu, forked, goroutine, heap
+from asgi_pprof import asgi, cpu, forked, goroutine, heap, sampled_profile, sampling
 from asgi_pprof.asgi import Answer, BadRequest, Receive, Request, Scope, Send, go_int64, int_or_zero
 from asgi_pprof.symbolize import frame_at, function_of
 
@@ -90,6 +100,7 @@ class PprofApp:
         self.max_window_seconds = max_window_seconds
         self._builds = HeapBuilds()
         self.handlers: dict[str, Callable[[Request], Awaitable[Answer]]] = {
+            "allocs": self.allocs,
             "cmdline": self.cmdline,
             "goroutine": self.goroutine,
             "heap": self.heap,
@@ -149,7 +160,10 @@ class PprofApp:
         return seconds
 
     async def heap(self, request: Request) -> Answer:
-        """In-use memory by allocating stack, from tracemalloc; `seconds=N` for the growth."""
+        """In-use memory by allocating stack, sampled if the sampler runs, else from tracemalloc;
+        `seconds=N` for the growth."""
+        if sampling.is_running():
+            return await self._sampled(request, "heap")
         query = request.query
         seconds = self._seconds(query)
         if seconds is None and not tracemalloc.is_tracing():
@@ -171,6 +185,33 @@ class PprofApp:
                 built = await self._builds.alone(partial(heap.build, debug=debug, start=start))
         payload = heap.open_answer(built)
         return asgi.text(payload) if debug > 0 else asgi.profile("heap", payload)
+
+    async def allocs(self, request: Request) -> Answer:
+        """Allocations since the sampler started; without it, unknown (Go's 404)."""
+        if not sampling.is_running():
+            return asgi.error(404, "Unknown profile")
+        return await self._sampled(request, "allocs")
+
+    async def _sampled(self, request: Request, name: str) -> Answer:
+        """`heap` or `allocs` from the sampler, built in a thread: no fork, no wait."""
+        seconds = self._seconds(request.query)
+        debug = int_or_zero(request.query.get("debug", ""))
+        if seconds is not None and debug != 0:
+            raise BadRequest("seconds and debug params are incompatible")
+        collect_first = int_or_zero(request.query.get("gc", "")) > 0
+        if collect_first:
+            gc.collect()
+        start = await asyncio.to_thread(sampling.capture)
+        if seconds is None:
+            if debug > 0:
+                return asgi.text(await asyncio.to_thread(sampled_profile.render_text, start))
+            return asgi.profile(name, await asyncio.to_thread(sampled_profile.build, start, name))
+        await asyncio.sleep(seconds)
+        if collect_first:
+            gc.collect()
+        end = await asyncio.to_thread(sampling.capture)
+        growth = await asyncio.to_thread(sampled_profile.build, end, name, start)
+        return asgi.profile(f"{name}-delta", growth)
 
     async def _window_start(self, traced_before: bool) -> bytes:
         """What is in use as a heap window opens; nothing yet if the window just started tracing."""
@@ -238,6 +279,8 @@ class PprofApp:
 
     def index(self) -> Answer:
         profiles = self._profiles()
+        if sampling.is_running():
+            profiles = sampled_profile.index_entries(profiles)
         rows = "".join(
             f"<tr><td>{html.escape(count)}</td><td><a href='{name}?debug=1'>{name}</a></td></tr>\n"
             for name, count, _ in profiles

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Mapping, Sequence
+from itertools import islice
 
 from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
 from asgi_pprof.symbolize import Frame, address_of, function_of
@@ -21,7 +22,7 @@ _PROFILE_TIME_NANOS, _PROFILE_DURATION_NANOS, _PROFILE_PERIOD_TYPE, _PROFILE_PER
 _PROFILE_COMMENT, _PROFILE_DEFAULT_SAMPLE_TYPE = 13, 14
 _VALUE_TYPE_TYPE, _VALUE_TYPE_UNIT = 1, 2
 _SAMPLE_LOCATION_ID, _SAMPLE_VALUE, _SAMPLE_LABEL = 1, 2, 3
-_LABEL_KEY, _LABEL_STR = 1, 2
+_LABEL_KEY, _LABEL_STR, _LABEL_NUM = 1, 2, 3
 _MAPPING_ID, _MAPPING_FILENAME = 1, 5
 _MAPPING_HAS_FUNCTIONS, _MAPPING_HAS_FILENAMES, _MAPPING_HAS_LINE_NUMBERS = 7, 8, 9
 _LOCATION_ID, _LOCATION_MAPPING_ID, _LOCATION_ADDRESS, _LOCATION_LINE = 1, 2, 3, 4
@@ -30,6 +31,28 @@ _FUNCTION_ID, _FUNCTION_NAME, _FUNCTION_SYSTEM_NAME = 1, 2, 3
 _FUNCTION_FILENAME, _FUNCTION_START_LINE = 4, 5
 
 _MAPPING_ID_PYTHON = 1
+
+
+class SharedTables:
+    """The strings, functions and locations of profiles that follow one another, encoded once.
+
+    The sampling heap profiler's stacks come back in every profile it answers: with one of these
+    kept between builds, each frame is named, numbered and encoded the first time only, and each
+    stack's location ids joined once. Every profile then carries all the locations seen so far
+    (profile.proto allows locations that no sample uses). Builds that share tables must not run at
+    the same time.
+    """
+
+    def __init__(self) -> None:
+        self.strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
+        self.encoded_strings = ProtoWriter()
+        self.strings_encoded = 0
+        self.functions = ProtoWriter()
+        self.function_ids: dict[tuple[str, str], int] = {}
+        self.locations = ProtoWriter()
+        self.location_ids: dict[Frame, int] = {}
+        self.encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
+        self.encoded_stacks: dict[tuple[Frame, ...], bytes] = {}
 
 
 class ProfileBuilder:
@@ -45,12 +68,16 @@ class ProfileBuilder:
         duration_nanos: int = 0,
         comments: Sequence[str] = (),
         mapping_file: str = "python",
+        tables: SharedTables | None = None,
     ) -> None:
-        self._strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
-        self._functions = ProtoWriter()
-        self._function_ids: dict[tuple[str, str], int] = {}
-        self._locations = ProtoWriter()
-        self._location_ids: dict[Frame, int] = {}
+        self._shared = tables is not None
+        self._tables = tables = tables or SharedTables()
+        self._strings = tables.strings
+        self._functions = tables.functions
+        self._function_ids = tables.function_ids
+        self._locations = tables.locations
+        self._location_ids = tables.location_ids
+        self._encoded_ids = tables.encoded_ids
         self._samples = ProtoWriter()
         self._header = ProtoWriter()
         for type_, unit in sample_types:
@@ -113,35 +140,69 @@ class ProfileBuilder:
             self._locations.message(_PROFILE_LOCATION, location)
         return location_id
 
+    def _encoded_id(self, frame: Frame) -> bytes:
+        writer = ProtoWriter()
+        writer.varint(self.location_id(frame))
+        encoded = self._encoded_ids[frame] = bytes(writer.data)
+        return encoded
+
     def add_sample(
-        self, stack: Sequence[Frame], values: Sequence[int], labels: Mapping[str, str] = {}
+        self,
+        stack: Sequence[Frame],
+        values: Sequence[int],
+        labels: Mapping[str, str] = {},
+        num_labels: Mapping[str, int] = {},
     ) -> None:
         """Add one sample; `stack` is leaf first, as profile.proto wants location_id[0].
 
-        `labels` tag the sample (e.g. `thread`), for pprof's `-tags` and `-tagfocus`.
+        `labels` tag the sample (e.g. `thread`), `num_labels` with numbers (e.g. Go's `bytes`,
+        the block size of a heap sample), for pprof's `-tags` and `-tagfocus`.
         """
-        location_ids = [self.location_id(frame) for frame in stack]
-        ids_size, values_size = packed_size(location_ids), packed_size(values)
-        size = field_size(_SAMPLE_LOCATION_ID, ids_size) + field_size(_SAMPLE_VALUE, values_size)
+        # A stack's ids are joined from each location's encoded id: deep stacks (the sampling
+        # profiler keeps 64 frames) would otherwise cost a Python varint loop per frame.
+        encoded = self._encoded_ids
+        key = tuple(stack) if self._shared else None  # a tuple stays itself: no copy
+        location_ids = self._tables.encoded_stacks.get(key) if key is not None else None
+        if location_ids is None:
+            location_ids = b"".join([encoded.get(f) or self._encoded_id(f) for f in stack])
+            if key is not None:
+                self._tables.encoded_stacks[key] = location_ids
+        ids_size, values_size = len(location_ids), packed_size(values)
+        size = 0  # a packed field with nothing in it is not written, nor counted
+        if location_ids:
+            size += field_size(_SAMPLE_LOCATION_ID, ids_size)
+        if values:
+            size += field_size(_SAMPLE_VALUE, values_size)
         label_fields = [(self._string(key), self._string(value)) for key, value in labels.items()]
         for key_index, value_index in label_fields:
             size += field_size(_SAMPLE_LABEL, _label_size(key_index, value_index))
+        num_fields = [(self._string(key), value) for key, value in num_labels.items()]
+        for key_index, number in num_fields:
+            size += field_size(_SAMPLE_LABEL, _num_label_size(key_index, number))
         samples = self._samples  # written in place: one sample costs one list, not six buffers
         samples.key(_PROFILE_SAMPLE, LENGTH_DELIMITED)
         samples.varint(size)
-        samples.packed(_SAMPLE_LOCATION_ID, location_ids, ids_size)
+        if location_ids:
+            samples.bytes(_SAMPLE_LOCATION_ID, location_ids)
         samples.packed(_SAMPLE_VALUE, values, values_size)
         for key_index, value_index in label_fields:
             samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
             samples.varint(_label_size(key_index, value_index))
             samples.integer(_LABEL_KEY, key_index)
             samples.integer(_LABEL_STR, value_index)
+        for key_index, number in num_fields:
+            samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
+            samples.varint(_num_label_size(key_index, number))
+            samples.integer(_LABEL_KEY, key_index)
+            samples.integer(_LABEL_NUM, number)
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
-        strings = ProtoWriter()
-        for value in self._strings:  # dicts keep insertion order: the index order
+        tables = self._tables
+        strings = tables.encoded_strings
+        for value in islice(self._strings, tables.strings_encoded, None):  # the index order
             strings.string(_PROFILE_STRING_TABLE, value)
+        tables.strings_encoded = len(self._strings)
         body = b"".join(
             (
                 self._header.data,
@@ -158,3 +219,8 @@ class ProfileBuilder:
 def _label_size(key_index: int, value_index: int) -> int:
     """The payload size of a Label with a key and a string value; index 0 ("") is not written."""
     return sum(1 + varint_size(index) for index in (key_index, value_index) if index)
+
+
+def _num_label_size(key_index: int, number: int) -> int:
+    """The payload size of a Label with a key and a number; zeros are not written."""
+    return sum(1 + varint_size(value) for value in (key_index, number) if value)

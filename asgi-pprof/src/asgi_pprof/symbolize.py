@@ -149,6 +149,9 @@ os.register_at_fork(after_in_child=_new_lock_in_child)
 
 def function_of(filename: str, lineno: int) -> Function:
     """The qualified name and first line of the function that runs `filename:lineno`."""
+    named = _named_frames.get((filename, lineno))
+    if named is not None:
+        return named
     with _lock:
         source_file = _files.get(filename)
         if source_file is None:
@@ -156,6 +159,21 @@ def function_of(filename: str, lineno: int) -> Function:
         return source_file.function_at(lineno)
 
 
+def function_of_code(code: CodeType, lineno: int) -> Function:
+    """What `function_of` names a frame of `code` at `lineno`, from the code object itself,
+    without reading its file: for the sampling profiler, which keeps code objects."""
+    filename = code.co_filename
+    if code.co_name in _COMPREHENSIONS or filename.startswith("<"):
+        return function_of(filename, lineno)  # named after the function around it, or the file
+    return f"{module_name(filename)}.{code.co_qualname}", code.co_firstlineno
+
+
+def name_frames(functions: dict[Frame, Function]) -> None:
+    """Make `function_of` answer these names for these frames (named from code objects)."""
+    _named_frames.update(functions)
+
+
+_named_frames: dict[Frame, Function] = {}
 _frame_by_address: dict[int, Frame] = {}
 
 

@@ -1,0 +1,181 @@
+"""Go's `heap` and `allocs` profiles from the sampler's records, written as Go writes them.
+
+- profile.proto (runtime/pprof's writeHeapProto): sample types alloc_objects/count,
+  alloc_space/bytes, inuse_objects/count, inuse_space/bytes; period type space/bytes, period the
+  sampling rate; each record's counts unsampled by `scale_heap_sample`, and a numeric label
+  `bytes` with its block size. `heap` defaults to inuse_space, `allocs` to alloc_space.
+- The legacy text (`debug=1`, pprof.go's writeHeapInternal): the raw sampled counts, and a header
+  `heap profile: N: B [AN: AB] @ heap/<2*rate>` that tells pprof to unsample them itself (the 2 is
+  a convention kept from the C++ heap profiler), so both forms read as the same totals.
+- The growth over a window (`seconds=N`), as net/http/pprof's serveDeltaProfile computes it:
+  the unsampled profile at the end minus the one at the start, samples that cancel dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+
+from asgi_pprof import sampling
+from asgi_pprof.profile import ProfileBuilder, SharedTables
+from asgi_pprof.sampling import SampledHeap, Stack, scale_heap_sample
+from asgi_pprof.symbolize import legacy_record
+
+SAMPLE_TYPES = [
+    ("alloc_objects", "count"),
+    ("alloc_space", "bytes"),
+    ("inuse_objects", "count"),
+    ("inuse_space", "bytes"),
+]
+DEFAULT_SAMPLE_TYPES = {"heap": "inuse_space", "allocs": "alloc_space"}
+
+Key = tuple[Stack, int]  # a stack and a block size
+_TABLES = SharedTables()  # used under sampling.own_work(): one build at a time
+
+
+@dataclass
+class SampledProfile:
+    """Unsampled values by (stack, block size): [alloc_objects, alloc_space, inuse_objects,
+    inuse_space], as Go writes them into profile.proto."""
+
+    values: dict[Key, list[int]]
+    rate: int
+    frames: int
+    time_ns: int
+    duration_ns: int = 0  # 0: since start; else a window's growth
+    comments: list[str] = field(default_factory=list)
+
+
+def unsampled(heap: SampledHeap) -> SampledProfile:
+    """What the samples stand for, record by record, as Go's writeHeapProto scales them."""
+    values = {}
+    for record in heap.records:
+        allocated = scale_heap_sample(record.allocs, record.allocs * record.size, heap.rate)
+        inuse = scale_heap_sample(record.inuse, record.inuse * record.size, heap.rate)
+        values[record.stack, record.size] = [*allocated, *inuse]
+    return SampledProfile(values, heap.rate, heap.frames, heap.time_ns)
+
+
+def delta(end: SampledProfile, start: SampledProfile) -> SampledProfile:
+    """`end` minus `start`, as Go's serveDeltaProfile merges p1 with p0 scaled by -1."""
+    values = {key: list(v) for key, v in end.values.items()}
+    for key, earlier in start.values.items():
+        later = values.setdefault(key, [0, 0, 0, 0])
+        for index, value in enumerate(earlier):
+            later[index] -= value
+    growth = {key: v for key, v in values.items() if any(v)}
+    duration_ns = end.time_ns - start.time_ns
+    comments = ["growth: the profile at the end minus the one at the start (Duration above)"]
+    return SampledProfile(growth, end.rate, end.frames, start.time_ns, duration_ns, comments)
+
+
+def comments(rate: int, frames: int) -> list[str]:
+    """What each profile says of its backend, and the index too."""
+    return [
+        f"sampling heap profiler: one allocation sampled per {rate} bytes allocated on average, "
+        f"stacks up to {frames} frames; values unsampled as Go's runtime/pprof does"
+    ]
+
+
+def encode(profile: SampledProfile, name: str) -> bytes:
+    """The gzipped profile.proto of `heap` or `allocs` (which differ in their default type).
+    Call it under `sampling.own_work()`, as `build` does: the tables are shared."""
+    default = DEFAULT_SAMPLE_TYPES[name]
+    builder = ProfileBuilder(
+        sample_types=SAMPLE_TYPES,
+        default_sample_type=default,
+        period_type=("space", "bytes"),
+        period=profile.rate,
+        time_nanos=profile.time_ns,
+        duration_nanos=profile.duration_ns,
+        comments=comments(profile.rate, profile.frames) + profile.comments,
+        mapping_file="python" if not profile.duration_ns else "python (window growth)",
+        tables=_TABLES,  # every profile of the sampler repeats its stacks: encoded once
+    )
+    column = [type_ for type_, _ in SAMPLE_TYPES].index(default)
+    ordered = sorted(profile.values.items(), key=lambda item: item[1][column], reverse=True)
+    for (stack, size), values in ordered:
+        builder.add_sample(stack, values, num_labels={"bytes": size})
+    return builder.encode()
+
+
+def build(heap: SampledHeap, name: str, start: SampledHeap | None = None) -> bytes:
+    """The `heap` or `allocs` profile.proto of `heap`, or of its growth since `start`."""
+    with sampling.own_work():
+        profile = unsampled(heap)
+        if start is not None:
+            profile = delta(profile, unsampled(start))
+        return encode(profile, name)
+
+
+def index_entries(profiles: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The index's (name, count, description) with the sampler: allocs listed, heap described
+    as sampled; the count is the number of records, as in Go."""
+    stats = sampling.stats()
+    records = str(stats["records"])
+    backend = comments(int(stats["rate"]), int(stats["max_frames"]))[0]
+    allocs = (
+        "allocs",
+        records,
+        "A sampling of all past memory allocations (since the sampler started). Specify "
+        f"seconds=N for the growth over N seconds. From the {backend}.",
+    )
+    heap = (
+        "heap",
+        records,
+        "A sampling of memory allocations of live objects. Specify the gc GET parameter to run "
+        f"GC before taking the heap sample, seconds=N for the growth. From the {backend}.",
+    )
+    return [allocs, *(heap if entry[0] == "heap" else entry for entry in profiles)]
+
+
+def render_text(heap: SampledHeap) -> str:
+    """Go's legacy text (`debug=1`) for `heap` and `allocs` alike: raw sampled counts."""
+    with sampling.own_work():
+        return _render_text(heap)
+
+
+def _render_text(heap: SampledHeap) -> str:
+    records = sorted(heap.records, key=lambda record: record.inuse * record.size, reverse=True)
+    inuse_objects = sum(record.inuse for record in records)
+    inuse_bytes = sum(record.inuse * record.size for record in records)
+    alloc_objects = sum(record.allocs for record in records)
+    alloc_bytes = sum(record.allocs * record.size for record in records)
+    if inuse_bytes == alloc_bytes:
+        alloc_bytes += 1  # as Go does: pprof would read equal columns as a 2-column profile
+    lines = [
+        f"heap profile: {inuse_objects}: {inuse_bytes} [{alloc_objects}: {alloc_bytes}] "
+        f"@ heap/{2 * heap.rate}"
+    ]
+    for record in records:
+        head = (
+            f"{record.inuse}: {record.inuse * record.size} "
+            f"[{record.allocs}: {record.allocs * record.size}]"
+        )
+        lines += legacy_record(head, record.stack)
+    lines += ["", *_memory_statistics(heap)]
+    return "\n".join(lines) + "\n"
+
+
+def _memory_statistics(heap: SampledHeap) -> list[str]:
+    """The footer: Python's counterpart of Go's `# runtime.MemStats`, numbers we measure."""
+    stats = sampling.stats()
+    lines = [
+        "# python.MemStats",
+        "# HeapProfiler = sampling",
+        f"# MemProfileRate = {heap.rate}",
+        f"# MaxFrames = {heap.frames}",
+        f"# Samples = {stats.get('samples', 0)}",
+        f"# Records = {stats.get('records', 0)}",
+        f"# LiveSampledBlocks = {stats.get('live_blocks', 0)}",
+        f"# ProfilerOwnBytes = {stats.get('own_bytes', 0)}",
+    ]
+    try:
+        with open("/proc/self/statm") as statm:
+            lines.append(f"# RSS = {int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')}")
+    except (OSError, ValueError, IndexError):
+        pass
+    gc_stats = gc.get_stats()
+    lines.append(f"# GCCollections = {[s['collections'] for s in gc_stats]}")
+    return lines
