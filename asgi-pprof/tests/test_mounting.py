@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from asgi_pprof import PprofApp, PprofMiddleware
 
 from go_pprof import run_pprof
-from pprof_decode import decode, invariant_violations
+from pprof_decode import decode, invariant_violations, samples
 from server import serving
 
 FAST = {"default_window_seconds": 1, "max_window_seconds": 2}
@@ -129,3 +129,26 @@ def test_go_tool_pprof_reads_profiles_through_the_middleware_over_http(
 
 
 served_middleware = PprofMiddleware(plain_asgi)
+
+
+retained: list[bytearray] = []
+
+
+async def retaining_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    retained.append(bytearray(10_000))
+    await plain_asgi(scope, receive, send)
+
+
+@pytest.mark.usefixtures("tracing")
+def test_an_app_wrapped_by_the_middleware_shows_its_memory_in_the_heap_profile() -> None:
+    """The middleware is on every request's stack: its frames must not hide the app's blocks."""
+    app = PprofMiddleware(retaining_asgi)
+    answers = get_all(app, ["/"] * 20 + ["/debug/pprof/heap"])
+    profile = decode(answers[-1].content)
+    kept = sum(
+        s.values["inuse_space"]
+        for s in samples(profile)
+        if s.frames[0].function.endswith("retaining_asgi")
+    )
+    assert kept >= 20 * 10_000
+    retained.clear()

@@ -28,6 +28,8 @@ Stack = tuple[Frame, ...]  # leaf first, as tracemalloc gives it
 
 # Blocks allocated by the profiler itself, or by tracemalloc, are not the service's memory.
 _OWN_FILES = (os.path.dirname(__file__) + os.sep, tracemalloc.__file__)
+# ...except the middleware, which every request of a wrapped application passes through.
+_PASSED_THROUGH = os.path.join(os.path.dirname(__file__), "middleware.py")
 
 
 @dataclass
@@ -69,7 +71,9 @@ def _itself(stack: Stack) -> Stack:
 
 
 def _is_own(stack: Stack) -> bool:
-    return any(filename.startswith(_OWN_FILES) for filename, _ in stack)
+    return any(
+        filename.startswith(_OWN_FILES) and filename != _PASSED_THROUGH for filename, _ in stack
+    )
 
 
 def capture(stop_tracing: bool = False) -> HeapProfile:
