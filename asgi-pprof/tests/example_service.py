@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from asgi_pprof import PprofApp
+from asgi_pprof import PprofApp, start_sampling
+
+if os.environ.get("EXAMPLE_HEAP_PROFILER") == "sampling":
+    start_sampling()  # as a service that wants Go's heap profiler from startup does
 
 
 async def ok(request: Request) -> PlainTextResponse:
