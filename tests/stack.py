@@ -60,6 +60,9 @@ def compose_command() -> list[str]:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as servers bind, past TIME_WAIT
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
