@@ -114,10 +114,13 @@ def _read_all(fd: int, deadline: float) -> bytes:
         chunks.append(chunk)
 
 
-# What a tracemalloc profile costs the child, per byte of tracemalloc's own tables (which grow with
-# the number of live traced blocks): its copy of the traces, the grouping, the pages it dirties.
-# Measured on the leaky service at 8 frames (see benchmarks/heap_profile.py --memory).
-CHILD_BYTES_PER_TRACEMALLOC_BYTE = 1.0
+# What a tracemalloc profile costs the child in new memory: the pages it copies on write (it
+# touches the interpreter's objects, and freeing its copy of the trace tables touches those), its
+# list of the traces, the grouping. Measured once, by hand, on the leaky service at 8 frames in a
+# memory cgroup (the peak of its charge during a profile): 18, 30 and 49 MiB with 1.3, 4.5 and
+# 9.2 MiB of tracemalloc tables, that is about 13 MiB plus 4 bytes per byte of the tables.
+CHILD_BASE_BYTES = 13 * 2**20
+CHILD_BYTES_PER_TRACEMALLOC_BYTE = 4
 
 
 def _volunteer_for_the_oom_killer() -> None:
@@ -154,7 +157,7 @@ _NO_LIMIT_V1 = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 def _out_of_memory_message(before: dict[str, int], what: str) -> str:
     mib = 2**20
-    needed = before["tables"] * CHILD_BYTES_PER_TRACEMALLOC_BYTE
+    needed = CHILD_BASE_BYTES + before["tables"] * CHILD_BYTES_PER_TRACEMALLOC_BYTE
     message = (
         f"heap profile not built: the child process that builds it {what}, for lack of memory. "
         f"A tracemalloc profile of this process ({before['traced'] / mib:.0f} MiB of live traced "
