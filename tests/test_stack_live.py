@@ -133,6 +133,15 @@ def test_leaker_and_client_run_one_image(stack: Stack) -> None:
     assert "build" in config["leaker"] and "build" not in config["client"]
 
 
+def test_the_image_has_uvloop_and_httptools_for_uvicorn_to_pick(stack: Stack) -> None:
+    # uvicorn's defaults (--loop auto, --http auto) take them whenever they import.
+    code = (
+        "import httptools, uvicorn.loops.auto as auto; "
+        "print(auto.auto_loop_factory(use_subprocess=False).__module__)"
+    )
+    assert stack.run("exec", "-T", "leaker", "python", "-c", code).stdout.strip() == "uvloop"
+
+
 def test_spans_reach_zipkin_and_follow_its_schema(stack: Stack) -> None:
     deadline = time.monotonic() + 60
     while not (spans := zipkin_spans("leaker", 50)):
