@@ -3,15 +3,21 @@ pure-Python event loop and HTTP parser: requests/s of the fixed-mode service, bo
 
     PYTHONPATH=. .venv/bin/python benchmarks/uvicorn_speedups.py [--seconds 5] [--rounds 5]
 
-Both services run from the same venv (uvloop and httptools are in the lock; uvicorn picks them by
-default, `--loop asyncio --http h11` turns them off), with no trace export and pprof idle, as in
-service_throughput.py. `hey -c 50 -z Ns` drives one, then the other, round after round, so that the
+They are not in the lock: with them installed, tests/test_heap_profile.py's
+test_pprof_reads_the_legacy_text_without_rescaling fails (a traced 0-byte block appears, which
+pprof drops). To measure, install them into .venv first (`make venv` leaves them there):
+
+    .venv/bin/pip install uvloop==0.23.0 httptools==0.9.0
+
+Both services run from the same venv, with `--loop`/`--http` chosen explicitly, no trace export
+and pprof idle, as in service_throughput.py. `hey -c 50 -z Ns` drives one, then the other, round after round, so that the
 machine's noise falls on both alike; the figure is the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import shutil
 import statistics
@@ -47,6 +53,9 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is needed: apt-get install hey")
+    if importlib.util.find_spec("uvloop") is None or importlib.util.find_spec("httptools") is None:
+        print("not run: .venv/bin/pip install uvloop==0.23.0 httptools==0.9.0 first (see above)")
+        return 0
 
     keys = [(mode, name) for mode in MODES for name in CONFIGURATIONS]
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
