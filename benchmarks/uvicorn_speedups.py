@@ -10,8 +10,9 @@ pprof drops). To measure, install them into .venv first (`make venv` leaves them
     .venv/bin/pip install uvloop==0.23.0 httptools==0.9.0
 
 Both services run from the same venv, with `--loop`/`--http` chosen explicitly, no trace export
-and pprof idle, as in service_throughput.py. `hey -c 50 -z Ns` drives one, then the other, round after round, so that the
-machine's noise falls on both alike; the figure is the median of the per-round ratios.
+and pprof idle, as in service_throughput.py. `hey -c 50 -z Ns` drives one, then the other,
+round after round, so that the machine's noise falls on both alike; the figure is the median of
+the per-round ratios.
 """
 
 from __future__ import annotations
