@@ -1,4 +1,18 @@
-# The leaker service in a container: `docker compose up` builds this (see docker-compose.yml).
+# The leaker service in a container; `docker compose up` builds it (see docker-compose.yml) and
+# runs it as both `leaker` and `client`.
+
+# Build stage: wheels of the profiler library (which may compile C code: this image has gcc and
+# the Python headers) and of the project.
+FROM python:3.11.13-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY asgi-pprof ./asgi-pprof
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip wheel --no-deps --wheel-dir /wheels ./asgi-pprof .
+
+# Run stage: no compiler, the pinned lock, then the two wheels.
 FROM python:3.11.13-slim-bookworm
 
 # PPROF_TRACEMALLOC=startup: tracemalloc runs from the start, so /debug/pprof/heap answers at once,
@@ -14,24 +28,21 @@ RUN useradd --create-home --uid 10001 leaker
 
 WORKDIR /srv/leaker
 
-# The pinned lock first, without its one local line (the profiler library, installed next): this
-# layer is reused until requirements.txt changes.
+# The pinned lock first, without its one local line (the profiler library, a wheel from the build
+# stage): this layer is reused until requirements.txt changes.
 COPY requirements.txt ./
 RUN grep -v '^\./asgi-pprof$' requirements.txt > /tmp/third-party.txt \
     && pip install -r /tmp/third-party.txt && rm /tmp/third-party.txt
 
-# The profiler library from its folder, then the project itself, resolving nothing more.
-COPY asgi-pprof ./asgi-pprof
-RUN pip install --no-deps ./asgi-pprof && rm -rf asgi-pprof
-COPY pyproject.toml README.md ./
-COPY app ./app
-RUN pip install --no-deps . && rm -rf build ./*.egg-info
+# The library and the project, resolving nothing more.
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 USER 10001
 EXPOSE 8080
 
 # slim images have no curl; urlopen raises (exit 1) on a refused connection or a non-2xx answer.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/', timeout=4)"]
 
 CMD ["leaker", "serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +35,14 @@ class Service:
 
 @contextmanager
 def running_service(
-    env: Mapping[str, str], tmp_path: Path, startup_timeout: float = 60.0
+    env: Mapping[str, str],
+    tmp_path: Path,
+    startup_timeout: float = 60.0,
+    uvicorn_options: Sequence[str] = (),
 ) -> Iterator[Service]:
-    """Start `uvicorn app.main:app` with `env` added to a clean environment; stop it afterwards."""
+    """Start `uvicorn app.main:app` with `env` added to a clean environment; stop it afterwards.
+
+    `uvicorn_options` go on uvicorn's command line (e.g. `--loop asyncio --http h11`)."""
     port = free_port()
     log_path = tmp_path / f"service-{port}.log"
     full_env = {
@@ -58,6 +63,7 @@ def running_service(
                 "--port",
                 str(port),
                 "--no-access-log",
+                *uvicorn_options,
             ],
             cwd=ROOT,
             env=full_env,

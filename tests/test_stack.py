@@ -1,8 +1,8 @@
 """The Docker stack's files agree with one another and with the service, checked without Docker.
 
-The build machines have no Docker engine, so docker-compose.yml, the Dockerfile and
-prometheus/prometheus.yml are read and cross-checked here, and the image's own commands (its CMD
-and its health check) are run natively, from the project's venv, against a real server.
+docker-compose.yml, the Dockerfiles and prometheus/prometheus.yml are read and cross-checked here,
+and the image's own commands (its CMD and its health check) are run natively, from the project's
+venv, against a real server. tests/test_stack_live.py runs the stack itself.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from tests.service import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-WORKSHOP_SERVICES = {"leaker", "client", "prometheus", "zipkin"}
+WORKSHOP_SERVICES = {"leaker", "client", "pprof", "prometheus", "zipkin"}
 # `${NAME}` or `${NAME:-default}`, as compose interpolates them.
 SUBSTITUTION = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-RELEASE_TAG = re.compile(r"[a-z0-9./-]+:v?\d+\.\d+\.\d+")
+RELEASE_TAG = re.compile(r"[a-z0-9./-]+:v?\d+\.\d+\.\d+(-[a-z]+)*")
 BYTE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
 
@@ -43,11 +43,11 @@ class Instruction:
     arguments: str
 
 
-def read_dockerfile() -> list[Instruction]:
+def read_dockerfile(path: Path = ROOT / "Dockerfile") -> list[Instruction]:
     """Dockerfile instructions: continuation lines joined, comments and blank lines dropped."""
     instructions: list[Instruction] = []
     pending = ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in path.read_text().splitlines():
         stripped = line.strip()
         if not pending and (not stripped or stripped.startswith("#")):
             continue
@@ -61,7 +61,14 @@ def read_dockerfile() -> list[Instruction]:
 
 
 def dockerfile_arguments(keyword: str) -> list[str]:
-    return [i.arguments for i in read_dockerfile() if i.keyword == keyword]
+    """The arguments of every `keyword` instruction of the image's last (run) stage."""
+    instructions = read_dockerfile()
+    last_from = max(n for n, i in enumerate(instructions) if i.keyword == "FROM")
+    return [i.arguments for i in instructions[last_from:] if i.keyword == keyword]
+
+
+def base_images(path: Path = ROOT / "Dockerfile") -> list[str]:
+    return [i.arguments.split()[0] for i in read_dockerfile(path) if i.keyword == "FROM"]
 
 
 def only(values: list[str]) -> str:
@@ -116,12 +123,21 @@ def parse_bytes(size: str) -> int:
 
 
 def container_ports(service: Mapping[str, Any]) -> dict[int, int]:
-    """Published `HOST:CONTAINER` ports, container port -> host port."""
+    """Published `[ADDRESS:]HOST:CONTAINER` ports, container port -> host port."""
     mapping: dict[int, int] = {}
     for entry in service.get("ports", []):
-        host, container = str(entry).split(":")
+        *_, host, container = interpolate(str(entry), {}).split(":")
         mapping[int(container)] = int(host)
     return mapping
+
+
+def published_addresses(service: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:
+    """The host addresses the service's ports are published on (none given: every interface)."""
+    addresses = set()
+    for entry in service.get("ports", []):
+        parts = interpolate(str(entry), environ).split(":")
+        addresses.add(parts[0] if len(parts) == 3 else "0.0.0.0")
+    return addresses
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +157,36 @@ def test_compose_has_the_workshop_services(services: dict[str, Any]) -> None:
 
 
 def test_every_image_is_pinned_to_a_release(services: dict[str, Any]) -> None:
+    built_here = {service["image"] for service in services.values() if "build" in service}
     for name, service in services.items():
-        if "image" in service:
-            assert RELEASE_TAG.fullmatch(service["image"]), f"{name}: {service['image']}"
+        if "build" in service:
+            assert (ROOT / service["build"] / "Dockerfile").is_file(), name
+            for base in base_images(ROOT / service["build"] / "Dockerfile"):
+                assert RELEASE_TAG.fullmatch(base), f"{name}: FROM {base}"
         else:
-            assert service.get("build") == ".", f"{name} has neither an image nor `build: .`"
-    base_image = only(dockerfile_arguments("FROM"))
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base_image), base_image
+            image = service["image"]
+            assert image in built_here or RELEASE_TAG.fullmatch(image), f"{name}: {image}"
+    build_stage, run_stage = base_images()
+    assert re.fullmatch(r"python:3\.11\.\d+-bookworm", build_stage), build_stage
+    assert run_stage == build_stage.replace("-bookworm", "-slim-bookworm"), run_stage
+
+
+def test_one_image_serves_both_the_service_and_the_client(services: dict[str, Any]) -> None:
+    assert services["leaker"]["build"] == "."
+    assert "build" not in services["client"]
+    assert services["client"]["image"] == services["leaker"]["image"]
+
+
+def test_every_port_is_published_on_loopback_unless_told_otherwise(
+    services: dict[str, Any],
+) -> None:
+    for name, service in services.items():
+        if "ports" in service:
+            assert published_addresses(service, {}) == {"127.0.0.1"}, name
+            wider = published_addresses(service, {"LEAKER_PUBLISH_ADDRESS": "0.0.0.0"})
+            assert wider == {"0.0.0.0"}, name
+    # The override is documented where a user reads the stack (the compose file's head).
+    assert "LEAKER_PUBLISH_ADDRESS=0.0.0.0" in (ROOT / "docker-compose.yml").read_text()
 
 
 def test_prometheus_scrapes_the_port_the_service_listens_on(
@@ -219,19 +258,25 @@ def test_client_loads_the_service_once_it_is_healthy(
     assert url, load_command
     target = only(only(leaker_scrape["static_configs"])["targets"])
     assert url[1] == f"http://{target}/"
-    assert "--concurrency 100" in load_command
+    # A few connections keep the service busy while a scrape waits behind at most that many.
+    assert "--concurrency $${CLIENT_CONNECTIONS}" in load_command  # $$: the shell's variable
+    connections = interpolate(client["environment"]["CLIENT_CONNECTIONS"], {})
+    assert 1 <= int(connections) <= 8
 
 
 def test_dockerfile_runs_unprivileged_from_the_lock_only() -> None:
     user = only(dockerfile_arguments("USER"))
     assert user not in ("root", "0")
     installs = [run for run in dockerfile_arguments("RUN") if "pip install" in run]
-    # The lock, whole or without its local line (the library, installed from its folder next).
+    # The lock without its local line, then the build stage's wheels, resolving nothing more.
     from_lock = [run for run in installs if "requirements.txt" in run]
     assert from_lock, installs
     assert all(run in from_lock or "--no-deps" in run for run in installs), installs
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
-    for copy in dockerfile_arguments("COPY"):
+    copies = [i.arguments for i in read_dockerfile() if i.keyword == "COPY"]
+    for copy in copies:
+        if copy.startswith("--from="):
+            continue  # from the build stage, not the context
         for source in copy.split()[:-1]:
             assert any(
                 entry in (f"!{source}", f"!{source}/") or entry.startswith(f"!{source}/")

@@ -59,3 +59,36 @@ def test_a_child_that_hangs_is_killed(caplog: pytest.LogCaptureFixture) -> None:
 
     assert forked.run(hangs_in_child, timeout=1) == b"here"
     assert "took too long" in caplog.text
+
+
+def test_the_child_volunteers_for_the_out_of_memory_killer() -> None:
+    def score(in_child: bool) -> bytes:
+        with open("/proc/self/oom_score_adj", "rb") as adjustment:
+            return adjustment.read().strip()
+
+    if not os.path.exists("/proc/self/oom_score_adj"):
+        pytest.skip("no /proc/self/oom_score_adj (not Linux)")
+    assert forked.run(score) == b"1000"
+    assert score(False) != b"1000"  # the service itself keeps its score
+
+
+def test_a_child_killed_for_memory_is_an_error_not_a_retry_here() -> None:
+    parent = os.getpid()
+    ran_here = []
+
+    def killed_in_child(in_child: bool) -> bytes:
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        ran_here.append(True)
+        return b"here"
+
+    tracemalloc.start(1)
+    try:
+        with pytest.raises(forked.ChildOutOfMemory) as raised:
+            forked.run(killed_in_child)
+    finally:
+        tracemalloc.stop()
+    assert ran_here == []  # no in-process retry: it would need the memory that killed the child
+    message = str(raised.value)
+    assert "for lack of memory" in message and "MiB of tracemalloc tables" in message
+    assert "needs about" in message and "Instead:" in message
