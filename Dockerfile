@@ -21,6 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PPROF_HEAP_PROFILER=sampling \
     PPROF_TRACEMALLOC=startup
 
 # A numeric USER below lets a runtime check that it is not root without reading /etc/passwd.

@@ -50,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.pprof_enabled and settings.tracemalloc_start == "startup":
+        exact = settings.heap_profiler == "tracemalloc"
+        if settings.pprof_enabled and exact and settings.tracemalloc_start == "startup":
             # After the imports, so that startup stays fast.
             asgi_pprof.start_tracing(settings.tracemalloc_frames)
         yield

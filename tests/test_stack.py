@@ -234,7 +234,10 @@ def test_compose_environment_passes_the_service_settings(services: dict[str, Any
     environment = services["leaker"]["environment"]
     default = Settings.from_environ({k: interpolate(v, {}) for k, v in environment.items()})
     assert default.leak_mode == "leaky"
-    assert default.tracemalloc_start == "startup"
+    assert default.heap_profiler == "sampling"  # the workshop runs at full speed
+    tracemalloc = {"PPROF_HEAP_PROFILER": "tracemalloc"}  # the exact profiler: one variable away
+    exact = Settings.from_environ({k: interpolate(v, tracemalloc) for k, v in environment.items()})
+    assert (exact.heap_profiler, exact.tracemalloc_start) == ("tracemalloc", "startup")
     zipkin = urllib.parse.urlsplit(default.zipkin_endpoint)
     assert zipkin.hostname in services
     assert zipkin.port in container_ports(services[zipkin.hostname])
@@ -244,7 +247,8 @@ def test_compose_environment_passes_the_service_settings(services: dict[str, Any
         {k: interpolate(v, fixed_environ) for k, v in environment.items()}
     )
     assert fixed.leak_mode == "fixed"
-    assert Settings.from_environ(image_environment()).tracemalloc_start == "startup"
+    image = Settings.from_environ(image_environment())
+    assert (image.heap_profiler, image.tracemalloc_start) == ("sampling", "startup")
 
 
 def test_client_loads_the_service_once_it_is_healthy(

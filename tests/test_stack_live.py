@@ -65,9 +65,8 @@ SIGKILL_EXIT = 137
 MARKED_REQUESTS = 20
 PROXY_METER_PREFIX = "opentelemetry.metrics._internal._ProxyMeter"
 PER_REQUEST_WRAPPER = "app.main.OpenTelemetryPerRequest.__call__"
-# Until the handlers answer asgi_pprof.forked.ChildOutOfMemory themselves (503 with its message),
-# uvicorn answers the exception with a 500, and its message is in the service's log.
-CHILD_OUT_OF_MEMORY_STATUS = 500
+# The handlers answer asgi_pprof.forked.ChildOutOfMemory with a 503 and its message.
+CHILD_OUT_OF_MEMORY_STATUS = 503
 CHILD_OUT_OF_MEMORY_TEXT = "heap profile not built"
 
 

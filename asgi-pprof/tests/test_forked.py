@@ -1,9 +1,12 @@
-"""Profiles are built in a forked child; without fork, or when the child fails, in-process."""
+"""Profiles are built in a forked child; without fork, in-process; a child that fails, hangs or
+runs out of memory is an error with its reason, never a rebuild in the service."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import tracemalloc
 
 import pytest
@@ -36,20 +39,22 @@ def test_without_fork_the_work_runs_here(monkeypatch: pytest.MonkeyPatch) -> Non
     assert int(pid) == os.getpid() and in_child == b"False"
 
 
-def test_a_failing_child_falls_back_to_running_here(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_child_is_an_error_not_a_rebuild_here() -> None:
     parent = os.getpid()
+    ran_here = []
 
     def fails_in_child(in_child: bool) -> bytes:
         if os.getpid() != parent:
             raise RuntimeError("broken child")
-        return where_it_ran(in_child)
+        ran_here.append(True)
+        return b"here"
 
-    pid, in_child, _ = forked.run(fails_in_child).split()
-    assert int(pid) == parent and in_child == b"False"
-    assert "profiling in-process" in caplog.text
+    with pytest.raises(forked.ChildFailed, match="status 1"):
+        forked.run(fails_in_child)
+    assert ran_here == []
 
 
-def test_a_child_that_hangs_is_killed(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_child_that_hangs_is_killed_and_its_reason_given() -> None:
     parent = os.getpid()
 
     def hangs_in_child(in_child: bool) -> bytes:
@@ -57,8 +62,31 @@ def test_a_child_that_hangs_is_killed(caplog: pytest.LogCaptureFixture) -> None:
             os.kill(os.getpid(), signal.SIGSTOP)  # the child never answers
         return b"here"
 
-    assert forked.run(hangs_in_child, timeout=1) == b"here"
-    assert "took too long" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(forked.ChildFailed, match="took more than 1 s") as raised:
+        forked.run(hangs_in_child, timeout=1)
+    assert time.monotonic() - started < 5
+    assert "sampling heap profiler" in str(raised.value)
+
+
+def test_the_child_timeout_is_under_go_tool_pprofs_own() -> None:
+    assert forked.CHILD_TIMEOUT_SECONDS < 60  # pprof gives up on a fetch after 60 s
+
+
+def test_a_cancelled_build_kills_its_child_at_once() -> None:
+    parent = os.getpid()
+    cancelled = threading.Event()
+
+    def slow_in_child(in_child: bool) -> bytes:
+        if os.getpid() != parent:
+            time.sleep(60)
+        return b"here"
+
+    threading.Timer(0.3, cancelled.set).start()
+    started = time.monotonic()
+    with pytest.raises(forked.ChildFailed, match="cancelled"):
+        forked.run(slow_in_child, cancelled=cancelled)
+    assert time.monotonic() - started < 3
 
 
 def test_the_child_volunteers_for_the_out_of_memory_killer() -> None:

@@ -422,3 +422,49 @@ def test_no_request_gets_a_5xx_or_stalls_the_loop(
             break
     assert min(stalls) < 0.05, f"the loop stalled {min(stalls) * 1000:.0f} ms"
     assert not tracemalloc.is_tracing() and not cpu.in_use()
+
+
+# 10. A heap build that fails answers why, at once; never a rebuild in the service.
+
+
+def test_a_child_out_of_memory_is_a_503_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, not_tracing: None
+) -> None:
+    def out_of_memory(work: Callable[[bool], bytes], **kwargs: Any) -> bytes:
+        raise forked.ChildOutOfMemory("heap profile not built: ... needs about 40 MiB ...")
+
+    monkeypatch.setattr(forked, "run", out_of_memory)
+    tracemalloc.start(1)
+    try:
+        client = asyncio.run(call(PprofApp(), "/heap", Client()))
+    finally:
+        tracemalloc.stop()
+    assert client.status == 503
+    assert client.content.startswith(b"heap profile not built")
+    assert (b"x-go-pprof", b"1") in client.sent[0]["headers"]  # go tool pprof prints it
+
+
+def test_a_build_that_everyone_left_is_cancelled_and_its_child_killed(
+    monkeypatch: pytest.MonkeyPatch, not_tracing: None
+) -> None:
+    cancelled_events: list[Any] = []
+
+    def slow(work: Callable[[bool], bytes], cancelled: Any = None, **kwargs: Any) -> bytes:
+        cancelled_events.append(cancelled)
+        assert cancelled is not None and cancelled.wait(10)  # as forked.run kills its child
+        raise forked.ChildFailed("heap profile cancelled")
+
+    monkeypatch.setattr(forked, "run", slow)
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(call(PprofApp(), "/heap", Client(leave_after=0.2)) for _ in "ab"))
+        return time.monotonic() - started
+
+    tracemalloc.start(1)
+    try:
+        seconds = asyncio.run(scenario())
+    finally:
+        tracemalloc.stop()
+    assert seconds < 5
+    assert cancelled_events and all(event.is_set() for event in cancelled_events)

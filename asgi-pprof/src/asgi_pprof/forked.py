@@ -6,11 +6,13 @@ waits. So the work runs in a child made with fork(): it shares the parent's memo
 tracing as soon as it has read the traces, builds the answer at full speed, writes the bytes back
 through a pipe and exits without cleaning up. The parent stalls only for the fork itself.
 
-Where fork() does not exist, or the child fails, the same work runs here, in-process; except when
-the child ran out of memory. The child's copy of the traces is new memory that counts against the
-same limit as the service (a container's, say): so the child volunteers to be the process that the
-kernel's out-of-memory killer picks, and if it is killed, the caller gets ChildOutOfMemory, which
-says how much memory the profile needed. Running the same work here would get the service killed.
+Where fork() does not exist, or cannot fork for another reason than memory, the same work runs
+here, in-process. A child that fails, hangs or runs out of memory is an error for the caller, never
+a rebuild here: what the child could not do in CHILD_TIMEOUT_SECONDS would stall the service far
+longer, traced. Memory above all: the child's copy of the traces is new memory that counts against
+the same limit as the service (a container's, say), so the child volunteers to be the process that
+the kernel's out-of-memory killer picks, and if it is killed, the caller gets ChildOutOfMemory,
+which says how much memory the profile needed: the same work here would get the service killed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 import warnings
@@ -29,38 +32,47 @@ from collections.abc import Callable
 
 logger = logging.getLogger("asgi_pprof")
 
-CHILD_TIMEOUT_SECONDS = 120.0
+# Under `go tool pprof`'s own 60 s wait for a profile, so that the user reads why it failed.
+CHILD_TIMEOUT_SECONDS = 45.0
+_POLL_SECONDS = 0.1  # how soon a cancelled build notices
 
 
 class ChildFailed(Exception):
-    """The forked child exited badly or took too long."""
+    """The forked child exited badly, took too long, or was cancelled: the message says which."""
 
 
-class ChildOutOfMemory(Exception):
+class ChildOutOfMemory(ChildFailed):
     """The forked child was killed (by the kernel's out-of-memory killer) or could not be forked."""
 
 
-def run(work: Callable[[bool], bytes], timeout: float = CHILD_TIMEOUT_SECONDS) -> bytes:
+def run(
+    work: Callable[[bool], bytes],
+    timeout: float = CHILD_TIMEOUT_SECONDS,
+    cancelled: threading.Event | None = None,
+) -> bytes:
     """`work(in_child)` in a forked child if possible, else here; its bytes either way.
 
     `in_child` tells `work` that it may stop tracing: only the child's copy of tracemalloc stops.
+    Setting `cancelled` kills the child at once (its client has gone, the service stops).
     """
     if not hasattr(os, "fork"):
         return work(False)
     before = _memory_use()
     try:
-        return _run_forked(work, timeout, before)
+        return _run_forked(work, timeout, before, cancelled or threading.Event())
     except OSError as error:
         if error.errno == errno.ENOMEM:
             raise ChildOutOfMemory(_out_of_memory_message(before, "could not be forked")) from error
-        logger.warning("profiling in a forked child failed (%s); profiling in-process", error)
-        return work(False)
-    except ChildFailed as error:
-        logger.warning("profiling in a forked child failed (%s); profiling in-process", error)
+        logger.warning("could not fork to build a profile (%s); building it in-process", error)
         return work(False)
 
 
-def _run_forked(work: Callable[[bool], bytes], timeout: float, before: dict[str, int]) -> bytes:
+def _run_forked(
+    work: Callable[[bool], bytes],
+    timeout: float,
+    before: dict[str, int],
+    cancelled: threading.Event,
+) -> bytes:
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns that forking a threaded process may deadlock the child; this child
@@ -71,7 +83,7 @@ def _run_forked(work: Callable[[bool], bytes], timeout: float, before: dict[str,
         _child(work, read_end, write_end)
     os.close(write_end)
     try:
-        data = _read_all(read_end, time.monotonic() + timeout)
+        data = _read_all(read_end, timeout, cancelled)
     except ChildFailed:
         os.kill(pid, signal.SIGKILL)
         raise
@@ -102,12 +114,22 @@ def _child(work: Callable[[bool], bytes], read_end: int, write_end: int) -> None
         os._exit(status)  # no atexit, no finalizers: they belong to the parent
 
 
-def _read_all(fd: int, deadline: float) -> bytes:
+def _read_all(fd: int, timeout: float, cancelled: threading.Event) -> bytes:
+    deadline = time.monotonic() + timeout
     chunks = []
     while True:
+        if cancelled.is_set():
+            raise ChildFailed("heap profile cancelled")
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise ChildFailed("child took too long")
+        if remaining <= 0:
+            raise ChildFailed(
+                f"heap profile not built: the child process that builds it took more than "
+                f"{timeout:g} s. Trace fewer frames, take a "
+                "window (heap?seconds=N) while tracing only on demand, or use the sampling heap "
+                "profiler."
+            )
+        if not select.select([fd], [], [], min(remaining, _POLL_SECONDS))[0]:
+            continue
         chunk = os.read(fd, 1 << 20)
         if not chunk:
             return b"".join(chunks)
@@ -173,5 +195,6 @@ def _out_of_memory_message(before: dict[str, int], what: str) -> str:
         )
     return message + (
         ". The service was left running. Instead: raise the memory limit by that much, take a "
-        "window (heap?seconds=N) while tracing only on demand, or trace fewer frames."
+        "window (heap?seconds=N) while tracing only on demand, trace fewer frames, or use the "
+        "sampling heap profiler (PPROF_HEAP_PROFILER=sampling), which needs no child."
     )

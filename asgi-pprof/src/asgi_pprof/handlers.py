@@ -72,6 +72,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from urllib.parse import parse_qsl
 
@@ -145,6 +146,8 @@ class PprofApp:
             return await asgi.unless_disconnected(self.handlers[name](request), receive)
         except BadRequest as bad:
             return asgi.error(400, str(bad))
+        except forked.ChildFailed as failed:  # out of memory, too slow: the service goes on
+            return asgi.error(503, str(failed))
 
     def _seconds(self, query: dict[str, str]) -> int | None:
         """The `seconds` parameter: absent is None; anything but 1..max is a 400, as in Go."""
@@ -368,33 +371,51 @@ def _address(word: bytes) -> int:
 
 class HeapBuilds:
     """One heap build at a time in the process: each forks a child that may copy as much memory
-    as the traces take. A snapshot asked for while the same one is being built shares it."""
+    as the traces take. A snapshot asked for while the same one is being built shares it; a
+    build that nobody waits for any more is cancelled, and its child killed."""
 
     _lock = threading.Lock()  # the process's: builds run in worker threads, from any event loop
 
     def __init__(self) -> None:
-        self._pending: dict[object, asyncio.Task[bytes]] = {}
+        self._pending: dict[object, _SharedBuild] = {}
 
     async def alone(self, work: Callable[[bool], bytes]) -> bytes:
-        return await asyncio.to_thread(self._run, work)
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._run, work, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()  # the worker thread kills the child and returns at once
+            raise
 
     async def shared(self, key: object, work: Callable[[bool], bytes]) -> bytes:
-        task = self._pending.get(key)
-        if task is None or task.get_loop() is not asyncio.get_running_loop():
-            task = asyncio.ensure_future(self.alone(work))
-            self._pending[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
-        # Shielded: a client that leaves does not cancel the build the others wait for.
-        return await asyncio.shield(task)
+        build = self._pending.get(key)
+        if build is None or build.task.get_loop() is not asyncio.get_running_loop():
+            build = self._pending[key] = _SharedBuild(asyncio.ensure_future(self.alone(work)))
+            build.task.add_done_callback(lambda done: self._forget(key, done))
+        build.waiting += 1
+        try:
+            # Shielded: a client that leaves does not cancel the build the others wait for...
+            return await asyncio.shield(build.task)
+        finally:
+            build.waiting -= 1
+            if build.waiting == 0 and not build.task.done():
+                build.task.cancel()  # ...but the last one to leave does.
 
     def _forget(self, key: object, task: asyncio.Task[bytes]) -> None:
-        if self._pending.get(key) is task:
+        build = self._pending.get(key)
+        if build is not None and build.task is task:
             del self._pending[key]
 
     @classmethod
-    def _run(cls, work: Callable[[bool], bytes]) -> bytes:
+    def _run(cls, work: Callable[[bool], bytes], cancelled: threading.Event) -> bytes:
         with cls._lock:
-            return forked.run(work)
+            return forked.run(work, cancelled=cancelled)
+
+
+@dataclass
+class _SharedBuild:
+    task: asyncio.Task[bytes]
+    waiting: int = 0
 
 
 def _heap_snapshot(in_child: bool) -> bytes:

@@ -108,10 +108,12 @@ def capture(stop_tracing: bool = False) -> HeapProfile:
     finally:
         if gc_was_enabled:
             gc.enable()
+    # Stacks whose blocks are all empty (malloc(0)) are left out, as pprof leaves out a sample of
+    # no bytes when it reads the legacy text: both forms then hold the same samples.
     stacks = {
         stack_by_key[key]: [len(sizes), sum(sizes)]
         for key, sizes in sizes_by_key.items()
-        if not _is_own(stack_by_key[key])
+        if any(sizes) and not _is_own(stack_by_key[key])
     }
     return HeapProfile(stacks, frames, statistics=statistics)
 
