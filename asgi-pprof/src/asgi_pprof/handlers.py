@@ -68,15 +68,13 @@ import gc
 import html
 import os
 import sys
-import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from urllib.parse import parse_qsl
 
-from asgi_pprof import asgi, cpu, forked, goroutine, heap, sampled_profile, sampling
+from asgi_pprof import asgi, builds, cpu, forked, goroutine, heap, sampled_profile, sampling
 from asgi_pprof.asgi import Answer, BadRequest, Receive, Request, Scope, Send, go_int64, int_or_zero
 from asgi_pprof.symbolize import frame_at, function_of
 
@@ -99,7 +97,7 @@ class PprofApp:
         self.frames = frames
         self.default_window_seconds = default_window_seconds
         self.max_window_seconds = max_window_seconds
-        self._builds = HeapBuilds()
+        self._builds = builds.HeapBuilds()
         self.handlers: dict[str, Callable[[Request], Awaitable[Answer]]] = {
             "allocs": self.allocs,
             "cmdline": self.cmdline,
@@ -367,55 +365,6 @@ def _address(word: bytes) -> int:
     except (UnicodeDecodeError, ValueError):
         return 0
     return address if 0 < address < 1 << 64 else 0
-
-
-class HeapBuilds:
-    """One heap build at a time in the process: each forks a child that may copy as much memory
-    as the traces take. A snapshot asked for while the same one is being built shares it; a
-    build that nobody waits for any more is cancelled, and its child killed."""
-
-    _lock = threading.Lock()  # the process's: builds run in worker threads, from any event loop
-
-    def __init__(self) -> None:
-        self._pending: dict[object, _SharedBuild] = {}
-
-    async def alone(self, work: Callable[[bool], bytes]) -> bytes:
-        cancelled = threading.Event()
-        try:
-            return await asyncio.to_thread(self._run, work, cancelled)
-        except asyncio.CancelledError:
-            cancelled.set()  # the worker thread kills the child and returns at once
-            raise
-
-    async def shared(self, key: object, work: Callable[[bool], bytes]) -> bytes:
-        build = self._pending.get(key)
-        if build is None or build.task.get_loop() is not asyncio.get_running_loop():
-            build = self._pending[key] = _SharedBuild(asyncio.ensure_future(self.alone(work)))
-            build.task.add_done_callback(lambda done: self._forget(key, done))
-        build.waiting += 1
-        try:
-            # Shielded: a client that leaves does not cancel the build the others wait for...
-            return await asyncio.shield(build.task)
-        finally:
-            build.waiting -= 1
-            if build.waiting == 0 and not build.task.done():
-                build.task.cancel()  # ...but the last one to leave does.
-
-    def _forget(self, key: object, task: asyncio.Task[bytes]) -> None:
-        build = self._pending.get(key)
-        if build is not None and build.task is task:
-            del self._pending[key]
-
-    @classmethod
-    def _run(cls, work: Callable[[bool], bytes], cancelled: threading.Event) -> bytes:
-        with cls._lock:
-            return forked.run(work, cancelled=cancelled)
-
-
-@dataclass
-class _SharedBuild:
-    task: asyncio.Task[bytes]
-    waiting: int = 0
 
 
 def _heap_snapshot(in_child: bool) -> bytes:
