@@ -20,11 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.service import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "leaker-stack-test"
-PUBLISHED_PORTS = {"leaker": 8080, "pprof": 8081, "prometheus": 9090, "zipkin": 9411}
+# The host ports the compose file publishes by default, and the variable that moves each.
+DEFAULT_PORTS = {"leaker": 8080, "pprof": 8081, "prometheus": 9090, "zipkin": 9411}
+PORT_VARIABLES = {
+    "leaker": "LEAKER_PORT",
+    "pprof": "PPROF_UI_PORT",
+    "prometheus": "PROMETHEUS_PORT",
+    "zipkin": "ZIPKIN_PORT",
+}
 # Variables the compose file reads: the tests set them per step, never from the caller's shell.
 COMPOSE_VARIABLES = (
+    *PORT_VARIABLES.values(),
     "LEAK_MODE",
     "LEAKER_MEMORY_LIMIT",
     "LEAKER_PUBLISH_ADDRESS",
@@ -70,15 +80,43 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def choose_ports() -> tuple[dict[str, int], list[int]]:
+    """The default host ports where they are free (as a user's `docker compose up` gets them);
+    any other free port in place of one that is taken. Also returns the taken defaults."""
+    taken = [port for port in DEFAULT_PORTS.values() if not port_is_free(port)]
+    ports = {
+        service: free_port() if port in taken else port for service, port in DEFAULT_PORTS.items()
+    }
+    return ports, taken
+
+
+def listeners(ports: Sequence[int]) -> str:
+    """What listens on these TCP ports, as `ss` tells (empty where ss is missing)."""
+    if shutil.which("ss") is None:
+        return ""
+    result = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=30)
+    wanted = tuple(f":{port} " for port in ports)
+    return "; ".join(
+        " ".join(line.split())
+        for line in result.stdout.splitlines()
+        if any(w in line + " " for w in wanted)
+    )
+
+
 @dataclass
 class Stack:
     compose: list[str]
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))  # on 127.0.0.1
     environ: dict[str, str] = field(default_factory=dict)  # compose variables for the next step
+
+    def url(self, service: str, path: str = "/") -> str:
+        return f"http://localhost:{self.ports[service]}{path}"
 
     def run(
         self, *arguments: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_SECONDS
     ) -> subprocess.CompletedProcess[str]:
         environ = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+        environ.update({PORT_VARIABLES[s]: str(port) for s, port in self.ports.items()})
         environ.update(self.environ, COMPOSE_PROJECT_NAME=PROJECT)
         result = subprocess.run(
             [*self.compose, *arguments],
@@ -147,24 +185,14 @@ def get_json(url: str, timeout: float = 30) -> Any:
 
 # -- Prometheus's HTTP API ------------------------------------------------------------------------
 
-PROMETHEUS = "http://localhost:9090"
 
-
-def query_range(query: str, start: float, end: float, step: float = 1.0) -> list[list[float]]:
-    """One series' (time, value) pairs; fails unless exactly one series answers."""
-    parameters = urllib.parse.urlencode({"query": query, "start": start, "end": end, "step": step})
-    answer = get_json(f"{PROMETHEUS}/api/v1/query_range?{parameters}")
-    assert answer["status"] == "success", answer
-    series = answer["data"]["result"]
-    assert len(series) == 1, f"{query}: {len(series)} series"
-    return [[float(t), float(v)] for t, v in series[0]["values"]]
-
-
-def raw_samples(metric: str, start: float, end: float) -> list[tuple[float, float]]:
+def raw_samples(
+    prometheus: str, metric: str, start: float, end: float
+) -> list[tuple[float, float]]:
     """Every sample Prometheus stored for `metric` between two times (one series)."""
     seconds = max(int(end - start), 1)
     parameters = urllib.parse.urlencode({"query": f"{metric}[{seconds}s]", "time": end})
-    answer = get_json(f"{PROMETHEUS}/api/v1/query?{parameters}")
+    answer = get_json(f"{prometheus}/api/v1/query?{parameters}")
     assert answer["status"] == "success", answer
     series = answer["data"]["result"]
     assert len(series) == 1, f"{metric}: {len(series)} series"
@@ -184,11 +212,9 @@ def slope_per_minute(points: Sequence[tuple[float, float]]) -> float:
 
 # -- Zipkin's API ---------------------------------------------------------------------------------
 
-ZIPKIN = "http://localhost:9411"
 
-
-def zipkin_spans(service: str, limit: int) -> list[dict[str, Any]]:
+def zipkin_spans(zipkin: str, service: str, limit: int) -> list[dict[str, Any]]:
     """The spans of the newest `limit` traces that have a span of `service`."""
     parameters = urllib.parse.urlencode({"serviceName": service, "limit": limit})
-    traces = get_json(f"{ZIPKIN}/api/v2/traces?{parameters}")
+    traces = get_json(f"{zipkin}/api/v2/traces?{parameters}")
     return [span for trace in traces for span in trace]

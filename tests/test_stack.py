@@ -27,6 +27,7 @@ import yaml
 
 from app.settings import Settings
 from tests.service import free_port, stop
+from tests.stack import DEFAULT_PORTS, PORT_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -122,11 +123,13 @@ def parse_bytes(size: str) -> int:
     return int(match[1]) * BYTE_UNITS[match[2]]
 
 
-def container_ports(service: Mapping[str, Any]) -> dict[int, int]:
+def container_ports(
+    service: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[int, int]:
     """Published `[ADDRESS:]HOST:CONTAINER` ports, container port -> host port."""
     mapping: dict[int, int] = {}
     for entry in service.get("ports", []):
-        *_, host, container = interpolate(str(entry), {}).split(":")
+        *_, host, container = interpolate(str(entry), environ or {}).split(":")
         mapping[int(container)] = int(host)
     return mapping
 
@@ -187,6 +190,20 @@ def test_every_port_is_published_on_loopback_unless_told_otherwise(
             assert wider == {"0.0.0.0"}, name
     # The override is documented where a user reads the stack (the compose file's head).
     assert "LEAKER_PUBLISH_ADDRESS=0.0.0.0" in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_each_host_port_moves_with_its_variable_and_only_that(services: dict[str, Any]) -> None:
+    for name, default in DEFAULT_PORTS.items():
+        assert container_ports(services[name]) == {default: default}, name
+        moved = {PORT_VARIABLES[name]: "18000"}
+        assert container_ports(services[name], moved) == {default: 18000}, name
+        for other in DEFAULT_PORTS.keys() - {name}:
+            assert container_ports(services[other], moved) == {
+                DEFAULT_PORTS[other]: DEFAULT_PORTS[other]
+            }
+    for variable in PORT_VARIABLES.values():  # documented where a user reads the stack
+        assert variable in (ROOT / "docker-compose.yml").read_text().split("services:")[0]
+        assert variable in (ROOT / "README.md").read_text()
 
 
 def test_prometheus_scrapes_the_port_the_service_listens_on(

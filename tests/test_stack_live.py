@@ -29,15 +29,15 @@ import yaml
 from tests.go_pprof import run_pprof
 from tests.stack import (
     PROJECT,
-    PUBLISHED_PORTS,
     ROOT,
     EngineUnavailable,
     Stack,
+    choose_ports,
     compose_command,
     docker,
     events,
     get,
-    port_is_free,
+    listeners,
     raw_samples,
     slope_per_minute,
     zipkin_spans,
@@ -100,10 +100,14 @@ def stack() -> Iterator[Stack]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI=true, so this is a failure (.ci/run starts one)")
         pytest.skip(reason)
-    stack = Stack(compose)
-    stack.run("down", "--remove-orphans")  # what an interrupted run may have left
-    busy = [port for port in PUBLISHED_PORTS.values() if not port_is_free(port)]
-    assert not busy, f"ports {busy} on 127.0.0.1 are taken: the stack publishes them"
+    Stack(compose).run("down", "--remove-orphans")  # what an interrupted run may have left
+    ports, taken = choose_ports()
+    stack = Stack(compose, ports)
+    if taken:  # a user moves them the same way (see the compose file's head)
+        FIGURES.add(
+            f"default ports {taken} taken on this machine ({listeners(taken) or 'ss not found'}): "
+            f"published on {ports}"
+        )
     started = time.monotonic()
     stack.run("up", "--detach", "--build")
     stack.wait_healthy("leaker")
@@ -123,12 +127,12 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
             print("\n== the workshop stack, measured\n" + "\n".join(FIGURES.lines), flush=True)
 
 
-def test_the_service_answers_on_localhost_8080(stack: Stack) -> None:
-    assert get("http://localhost:8080/") == b"OK\n"
+def test_the_service_answers_on_its_published_port(stack: Stack) -> None:
+    assert get(stack.url("leaker")) == b"OK\n"
 
 
 def test_every_port_is_published_on_loopback_only(stack: Stack) -> None:
-    for service, port in PUBLISHED_PORTS.items():
+    for service, port in stack.ports.items():
         bindings = stack.inspect(service)["NetworkSettings"]["Ports"]
         published = [b for bs in bindings.values() if bs for b in bs]
         assert [(b["HostIp"], b["HostPort"]) for b in published] == [("127.0.0.1", str(port))]
@@ -142,7 +146,7 @@ def test_leaker_and_client_run_one_image(stack: Stack) -> None:
 
 def test_spans_reach_zipkin_and_follow_its_schema(stack: Stack) -> None:
     deadline = time.monotonic() + 60
-    while not (spans := zipkin_spans("leaker", 50)):
+    while not (spans := zipkin_spans(stack.url("zipkin", ""), "leaker", 50)):
         assert time.monotonic() < deadline, "no span of service leaker in Zipkin after 60 s"
         time.sleep(1)
     assert span_list_errors([without_nulls(span) for span in spans]) == []
@@ -184,8 +188,9 @@ def measure(stack: Stack, mode: str) -> Window:
         time.sleep(2)  # the log keeps the last five probes, 5 s apart: none is missed
     end = time.time()
     time.sleep(2)  # the last scrapes land
-    scrapes = raw_samples('up{job="leaker"}', start, end)
-    resident = raw_samples('process_resident_memory_bytes{job="leaker"}', start, end)
+    prometheus = stack.url("prometheus", "")
+    scrapes = raw_samples(prometheus, 'up{job="leaker"}', start, end)
+    resident = raw_samples(prometheus, 'process_resident_memory_bytes{job="leaker"}', start, end)
     rates = [float(rate) for rate in re.findall(r"([\d.]+) req/s now", stack.logs("client"))]
     window = Window(
         mode,
@@ -229,40 +234,42 @@ def test_resident_memory_climbs_in_leaky_mode(leaky_window: Window) -> None:
 
 
 def test_go_tool_pprof_names_the_leak(
-    leaky_window: Window, require_tool: Callable[[str], str]
+    stack: Stack, leaky_window: Window, require_tool: Callable[[str], str]
 ) -> None:
     go = require_tool("go")
-    top = run_pprof(go, "-top", "http://localhost:8080/debug/pprof/heap")
+    top = run_pprof(go, "-top", stack.url("leaker", "/debug/pprof/heap"))
     assert PROXY_METER_PREFIX in "\n".join(top.splitlines()[:25]), top
-    cumulative = run_pprof(go, "-top", "-cum", "http://localhost:8080/debug/pprof/heap")
+    cumulative = run_pprof(go, "-top", "-cum", stack.url("leaker", "/debug/pprof/heap"))
     assert PER_REQUEST_WRAPPER in "\n".join(cumulative.splitlines()[:25]), cumulative
 
 
-def pprof_ui_total_bytes() -> float:
+def pprof_ui_total_bytes(stack: Stack) -> float:
     """The heap total on the pprof service's top page ("... of 12.5MB total")."""
-    page = get("http://localhost:8081/ui/top", timeout=60).decode()
+    page = get(stack.url("pprof", "/ui/top"), timeout=60).decode()
     assert PROXY_METER_PREFIX in page, "the pprof UI does not show the proxy meters"
     match = re.search(r"of ([\d.]+)([kMG]?B) total", page)
     assert match, page[:2000]
     return float(match[1]) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]]
 
 
-def wait_for_pprof_ui() -> float:
+def wait_for_pprof_ui(stack: Stack) -> float:
     deadline = time.monotonic() + 120
     while True:
         try:
-            return pprof_ui_total_bytes()
+            return pprof_ui_total_bytes(stack)
         except OSError:
-            assert time.monotonic() < deadline, "the pprof UI did not answer on :8081"
+            assert time.monotonic() < deadline, (
+                f"the pprof UI did not answer on {stack.url('pprof')}"
+            )
             time.sleep(1)
 
 
 def test_pprof_web_ui_shows_the_leak_and_restarting_it_refreshes(
     stack: Stack, leaky_window: Window
 ) -> None:
-    before = wait_for_pprof_ui()
+    before = wait_for_pprof_ui(stack)
     stack.run("restart", "pprof")
-    after = wait_for_pprof_ui()
+    after = wait_for_pprof_ui(stack)
     FIGURES.add(f"pprof UI heap total: {before / 1e6:.1f} MB, after a restart {after / 1e6:.1f} MB")
     assert after > before  # a new profile, of a heap that kept leaking
 
@@ -289,14 +296,14 @@ def test_resident_memory_stays_flat_in_fixed_mode(fixed_window: Window) -> None:
     assert fixed_window.growth_mib_per_minute() < FIXED_MAX_GROWTH_MIB_PER_MINUTE
 
 
-def send_marked_requests(marker: str) -> None:
+def send_marked_requests(stack: Stack, marker: str) -> None:
     for number in range(MARKED_REQUESTS):
         headers = {"User-Agent": f"{marker}/{number}"}
-        assert get("http://localhost:8080/", headers=headers) == b"OK\n"
+        assert get(stack.url("leaker"), headers=headers) == b"OK\n"
 
 
-def marked_server_spans(marker: str) -> int:
-    spans = zipkin_spans("leaker", 5000)
+def marked_server_spans(stack: Stack, marker: str) -> int:
+    spans = zipkin_spans(stack.url("zipkin", ""), "leaker", 5000)
     return sum(
         span.get("kind") == "SERVER"
         and span.get("tags", {}).get("http.user_agent", "").startswith(marker + "/")
@@ -316,13 +323,13 @@ def leaker_exit_codes(stack: Stack, since: float) -> list[int]:
 def test_a_restart_delivers_the_spans_still_queued(stack: Stack, fixed_window: Window) -> None:
     stack.run("stop", "client")
     marker = "stack-restart-test"
-    send_marked_requests(marker)
+    send_marked_requests(stack, marker)
     since = time.time()
     stack.run("restart", "leaker")  # SIGTERM, and SIGKILL after 10 s, as `docker stop`
     took = time.time() - since
     stack.wait_healthy("leaker")
     deadline = time.monotonic() + 30
-    while (delivered := marked_server_spans(marker)) < MARKED_REQUESTS:
+    while (delivered := marked_server_spans(stack, marker)) < MARKED_REQUESTS:
         if time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -369,7 +376,7 @@ def oom_run(stack: Stack, fixed_window: Window) -> dict[str, Any]:
     run["resident_at_profile"] = resident_bytes(stack)
     run["charged_at_profile"] = cgroup_usage(stack)
     try:
-        heap = "http://localhost:8080/debug/pprof/heap"
+        heap = stack.url("leaker", "/debug/pprof/heap")
         with urllib.request.urlopen(heap, timeout=120) as answer:
             run["profile_status"] = answer.status
     except urllib.error.HTTPError as error:
@@ -378,7 +385,7 @@ def oom_run(stack: Stack, fixed_window: Window) -> dict[str, Any]:
     run["survived"] = (
         after["RestartCount"] == 0 and after["State"]["StartedAt"] == before["StartedAt"]
     )
-    run["answers_after"] = get("http://localhost:8080/") == b"OK\n"
+    run["answers_after"] = get(stack.url("leaker")) == b"OK\n"
     run["log"] = stack.logs("leaker")
     while stack.inspect("leaker")["RestartCount"] == 0:
         assert time.monotonic() < deadline, f"no OOM restart within {OOM_DEADLINE_SECONDS} s"
