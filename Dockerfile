@@ -37,7 +37,9 @@ RUN grep -v '^\./asgi-pprof$' requirements.txt > /tmp/third-party.txt \
 
 # The library and the project, resolving nothing more.
 COPY --from=build /wheels /tmp/wheels
-RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+# The sampler's C extension is optional to pip, not to this image (PPROF_HEAP_PROFILER=sampling).
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels \
+    && python -c "import asgi_pprof._memprof"
 
 USER 10001
 EXPOSE 8080

@@ -15,7 +15,6 @@ PPROF_HEAP_PROFILER=sampling starts Go's kind of heap profiler with the app, nea
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,17 +90,18 @@ def _start_sampling(settings: Settings) -> None:
     try:
         asgi_pprof.start_sampling(rate=settings.mem_profile_rate)
     except asgi_pprof.SamplingUnavailable as error:
-        logging.getLogger("leaker").error("PPROF_HEAP_PROFILER=sampling: %s", error)
-        return
+        # Asked for by name: serving without it would be serving a different profiler unsaid.
+        raise SettingsError(
+            f"PPROF_HEAP_PROFILER=sampling: {error}; PPROF_HEAP_PROFILER=tracemalloc runs anywhere"
+        ) from error
     register_heap_metrics()
 
 
 def _app_from_environ() -> FastAPI:
     try:
-        settings = Settings.from_environ()
+        return create_app(Settings.from_environ())
     except SettingsError as error:
         sys.exit(f"leaker: invalid setting: {error}")
-    return create_app(settings)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+import asgi_pprof
 from app.heap_metrics import HEAP_INUSE_METRIC
+from app.main import create_app
 from app.settings import Settings, SettingsError
 from tests.go_pprof import run_pprof
 from tests.service import ROOT, running_service
@@ -174,3 +176,22 @@ def test_the_heap_profiler_settings_are_validated() -> None:
     for bad in ("0", "fast", "-1", str((1 << 40) + 1)):
         with pytest.raises(SettingsError, match="PPROF_MEM_PROFILE_RATE"):
             Settings.from_environ({"PPROF_MEM_PROFILE_RATE": bad})
+
+
+def test_a_sampler_that_cannot_start_stops_the_service_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Docker image once shipped without the C extension and served on, unsampled, with a
+    log line nobody read: asked for by name, the sampler runs or the service does not start."""
+
+    def unavailable(rate: int | None = None) -> None:
+        raise asgi_pprof.SamplingUnavailable("the C extension asgi_pprof._memprof is not installed")
+
+    monkeypatch.setattr(asgi_pprof.sampling, "is_running", lambda: False)
+    monkeypatch.setattr(asgi_pprof, "start_sampling", unavailable)
+    settings = Settings.from_environ({"PPROF_HEAP_PROFILER": "sampling"})
+    with pytest.raises(SettingsError) as raised:
+        create_app(settings)
+    message = str(raised.value)
+    assert "PPROF_HEAP_PROFILER=sampling" in message and "_memprof is not installed" in message
+    assert "PPROF_HEAP_PROFILER=tracemalloc" in message

@@ -305,6 +305,25 @@ def test_dockerfile_runs_unprivileged_from_the_lock_only() -> None:
             ), f"{source} not in context"
 
 
+def in_docker_context(path: str, ignore: list[str]) -> bool:
+    """Whether .dockerignore's allow-list (`*`, then `!path` entries) lets a file in."""
+    allowed = [entry[1:].rstrip("/") for entry in ignore if entry.startswith("!")]
+    return any(path == entry or path.startswith(entry + "/") for entry in allowed)
+
+
+def test_everything_the_library_builds_from_is_in_the_docker_context() -> None:
+    """setup.py once was not, and the image's wheel came without the sampler's C extension."""
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    tracked = subprocess.run(
+        ["git", "ls-files", "asgi-pprof"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    needed = [path for path in tracked if not path.startswith("asgi-pprof/tests/")]
+    assert "asgi-pprof/setup.py" in needed and "asgi-pprof/src/asgi_pprof/_memprof.c" in needed
+    assert [path for path in needed if not in_docker_context(path, ignore)] == []
+    # pip treats the extension as optional; the image must not.
+    assert any("import asgi_pprof._memprof" in run for run in dockerfile_arguments("RUN"))
+
+
 @dataclass
 class NativeImage:
     url: str

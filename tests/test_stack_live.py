@@ -233,6 +233,17 @@ def test_resident_memory_climbs_in_leaky_mode(leaky_window: Window) -> None:
     assert leaky_window.growth_mib_per_minute() > LEAKY_MIN_GROWTH_MIB_PER_MINUTE
 
 
+def test_the_service_runs_the_heap_profiler_the_compose_file_names(stack: Stack) -> None:
+    # `allocs` exists only while the sampler runs (a 404 without it, as Go's without a profile).
+    allocs = stack.url("leaker", "/debug/pprof/allocs?debug=1")
+    if heap_profiler() == "sampling":
+        assert get(allocs).startswith(b"heap profile: ")
+    else:
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            get(allocs)
+        assert raised.value.code == 404
+
+
 def test_go_tool_pprof_names_the_leak(
     stack: Stack, leaky_window: Window, require_tool: Callable[[str], str]
 ) -> None:
