@@ -218,3 +218,9 @@ def zipkin_spans(zipkin: str, service: str, limit: int) -> list[dict[str, Any]]:
     parameters = urllib.parse.urlencode({"serviceName": service, "limit": limit})
     traces = get_json(f"{zipkin}/api/v2/traces?{parameters}")
     return [span for trace in traces for span in trace]
+
+
+def zipkin_span_names(zipkin: str, service: str) -> set[str]:
+    """Every span name Zipkin holds for `service`, lowercase (as Zipkin keeps them)."""
+    parameters = urllib.parse.urlencode({"serviceName": service})
+    return {name.lower() for name in get_json(f"{zipkin}/api/v2/spans?{parameters}")}

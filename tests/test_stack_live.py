@@ -40,6 +40,7 @@ from tests.stack import (
     listeners,
     raw_samples,
     slope_per_minute,
+    zipkin_span_names,
     zipkin_spans,
 )
 from tests.zipkin_receiver import span_list_errors, without_nulls
@@ -150,9 +151,10 @@ def test_spans_reach_zipkin_and_follow_its_schema(stack: Stack) -> None:
         assert time.monotonic() < deadline, "no span of service leaker in Zipkin after 60 s"
         time.sleep(1)
     assert span_list_errors([without_nulls(span) for span in spans]) == []
-    server_spans = [span for span in spans if span.get("kind") == "SERVER"]
-    # The client's requests, and Prometheus's scrapes and the health checks: all traced.
-    assert {span["name"] for span in server_spans} >= {"GET /", "GET /metrics"}
+    assert any(span.get("kind") == "SERVER" for span in spans)
+    # The client's requests, and Prometheus's scrapes and the health checks: all traced. (The
+    # newest traces are the client's: hundreds a second against one scrape.)
+    assert zipkin_span_names(stack.url("zipkin", ""), "leaker") >= {"get /", "get /metrics"}
     assert "export failing" not in stack.logs("leaker")
 
 
@@ -254,20 +256,19 @@ def test_go_tool_pprof_names_the_leak(
     assert PER_REQUEST_WRAPPER in "\n".join(cumulative.splitlines()[:25]), cumulative
 
 
-def pprof_ui_total_bytes(stack: Stack) -> float:
-    """The heap total on the pprof service's top page ("... of 12.5MB total")."""
+def pprof_ui_top(stack: Stack) -> tuple[float, str]:
+    """The heap total on the pprof service's top page ("... of 12.5MB total"), and the page."""
     page = get(stack.url("pprof", "/ui/top"), timeout=60).decode()
-    assert PROXY_METER_PREFIX in page, "the pprof UI does not show the proxy meters"
     match = re.search(r"of ([\d.]+)([kMG]?B) total", page)
     assert match, page[:2000]
-    return float(match[1]) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]]
+    return float(match[1]) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]], page
 
 
-def wait_for_pprof_ui(stack: Stack) -> float:
+def wait_for_pprof_ui(stack: Stack) -> tuple[float, str]:
     deadline = time.monotonic() + 120
     while True:
         try:
-            return pprof_ui_total_bytes(stack)
+            return pprof_ui_top(stack)
         except OSError:
             assert time.monotonic() < deadline, (
                 f"the pprof UI did not answer on {stack.url('pprof')}"
@@ -278,11 +279,13 @@ def wait_for_pprof_ui(stack: Stack) -> float:
 def test_pprof_web_ui_shows_the_leak_and_restarting_it_refreshes(
     stack: Stack, leaky_window: Window
 ) -> None:
-    before = wait_for_pprof_ui(stack)
+    # Its first profile was fetched as the service started: a sampled heap holds little leak yet.
+    before, _ = wait_for_pprof_ui(stack)
     stack.run("restart", "pprof")
-    after = wait_for_pprof_ui(stack)
+    after, page = wait_for_pprof_ui(stack)
     FIGURES.add(f"pprof UI heap total: {before / 1e6:.1f} MB, after a restart {after / 1e6:.1f} MB")
     assert after > before  # a new profile, of a heap that kept leaking
+    assert PROXY_METER_PREFIX in page, "the pprof UI does not show the proxy meters"
 
 
 @pytest.fixture(scope="module")
