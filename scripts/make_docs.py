@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from scripts.docs_text import heap_header, heap_text_excerpt, readable_svg, row_of, source_excerpt
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 LEAKER = [sys.executable, "-m", "app.cli"]
@@ -44,6 +46,13 @@ TUTORIAL_REQUESTS = 1000  # per service, in the by-hand steps
 SHOWN_URL = "http://localhost:8080"  # where the tutorial's service listens (`leaker serve`)
 LEAKY, FIXED = "leaky.heap.pb.gz", "fixed.heap.pb.gz"
 FOCUS = "-focus=OpenTelemetryMiddleware"
+# The focus graph: pprof's default cuts (nodes under 0.5%, edges under 0.1%) and at most 20 nodes.
+# With -nodefraction=0 it was 3,460 px wide, a row of tiny nodes whose edges had been cut.
+FOCUS_GRAPH = ["-nodecount=20", FOCUS]
+SAMPLED = "sampled.heap.pb.gz"
+# The sampler keeps one allocation per 512 KiB: the leak, about 1 KB a request, needs thousands of
+# requests for tens of samples. It runs at full speed, so this many take seconds.
+SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 10
 STARTUP_TIMEOUT_SECONDS = 60.0
 HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
 
@@ -129,17 +138,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(mode: str, log_dir: Path) -> Iterator[str]:
+def serving(mode: str, log_dir: Path, profiler: str = "tracemalloc") -> Iterator[str]:
     """`leaker serve` as the tutorial starts it, on a free port; yields its URL."""
     port = free_port()
     env = {
         **os.environ,
         "LEAK_MODE": mode,
+        "PPROF_HEAP_PROFILER": profiler,
         "PPROF_TRACEMALLOC": "startup",
         "OTEL_TRACES_EXPORTER": "none",
         "PYTHONUNBUFFERED": "1",
     }
-    log_path = log_dir / f"{mode}-serve.log"
+    log_path = log_dir / f"{mode}-{profiler}-serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [*LEAKER, "serve", "--port", str(port)],
@@ -187,20 +197,6 @@ def resident_memory(url: str) -> float:
     if found is None:
         raise SystemExit(f"make_docs: {url}/metrics has no process_resident_memory_bytes")
     return float(found.group(1))
-
-
-def heap_text_excerpt(text: str) -> str:
-    """The header and first record, then the python.MemStats footer, of a debug=1 heap profile."""
-    first_record = text.split("\n\n")[0]
-    return f"{first_record}\n\n...\n\n{text[text.index('# python.MemStats') :]}"
-
-
-def source_excerpt(path: Path, first: str, last: str) -> str:
-    """Lines of `path`, numbered, from the first one containing `first` to the next with `last`."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if first in line)
-    end = next(i for i in range(start, len(lines)) if last in lines[i])
-    return "\n".join(f"{i + 1:4d}  {lines[i]}" for i in range(start, end + 1))
 
 
 def mib(value: float) -> str:
@@ -277,7 +273,28 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
     return values
 
 
-def with_pprof(work: Path, generated: Path) -> None:
+def sampled(work: Path, generated: Path, requests: int) -> dict[str, object]:
+    """The same leak under Go's kind of heap profiler: its debug=1 header, field by field, and its
+    profile (saved in `work` for pprof)."""
+    with serving("leaky", work, profiler="sampling") as url:
+        run([*LEAKER, "load", "--url", url + "/", "--requests", str(requests)], ROOT)
+        text = fetch(url + "/debug/pprof/heap?debug=1").decode()
+        (work / SAMPLED).write_bytes(fetch(url + "/debug/pprof/heap"))
+    header = heap_header(text)
+    (generated / "sampled-heap-header.txt").write_text(f"{header['line']}\n")
+    rate = re.search(r"^# MemProfileRate = (\d+)$", text, re.MULTILINE)
+    frames = re.search(r"^# MaxFrames = (\d+)$", text, re.MULTILINE)
+    assert rate and frames, "the sampled debug=1 footer changed its format"
+    values = {f"sampled_{key}": value for key, value in header.items() if key != "line"}
+    return {
+        **values,
+        "sampled_requests": f"{requests:,}",
+        "sampled_rate": int(rate.group(1)),
+        "sampled_frames": int(frames.group(1)),
+    }
+
+
+def with_pprof(work: Path, generated: Path) -> dict[str, object]:
     """Steps 4 on: `go tool pprof` with each flag in turn, on the profiles `by_hand` saved."""
     go = shutil.which("go")
     assert go is not None
@@ -286,18 +303,24 @@ def with_pprof(work: Path, generated: Path) -> None:
         "pprof-top.txt": ["-top", "-nodecount=15", LEAKY],
         "pprof-top-nodefraction0.txt": ["-top", "-nodefraction=0", "-nodecount=25", LEAKY],
         "pprof-focus-lines.txt": ["-top", "-lines", FOCUS, LEAKY],
+        "pprof-focus-lines-cum.txt": ["-top", "-lines", "-cum", "-nodecount=5", FOCUS, LEAKY],
         "pprof-list.txt": ["-list=OpenTelemetryPerRequest", LEAKY],
         "pprof-fixed-focus.txt": ["-top", FOCUS, FIXED],
+        "pprof-top-sampled.txt": ["-top", "-nodecount=10", SAMPLED],
+        "pprof-top-exact.txt": ["-top", "-nodecount=10", LEAKY],
     }
     for name, flags in texts.items():
         printed = run([go, "tool", "pprof", *flags], work)
         (generated / name).write_text(normalise(f"$ go tool pprof {' '.join(flags)}\n{printed}"))
     images = {
         "leaky-heap.svg": ["-svg", LEAKY],
-        "leaky-heap-focus.svg": ["-svg", "-nodefraction=0", FOCUS, LEAKY],
+        "leaky-heap-focus.svg": ["-svg", *FOCUS_GRAPH, LEAKY],
     }
     for name, flags in images.items():
-        (generated / name).write_text(normalise(run([go, "tool", "pprof", *flags], work)))
+        svg = readable_svg(run([go, "tool", "pprof", *flags], work))
+        (generated / name).write_text(normalise(svg))
+    flat = (generated / "pprof-focus-lines.txt").read_text()
+    return {"culprit_row_flat": row_of(flat, "app.main.OpenTelemetryPerRequest.__call__")}
 
 
 def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
@@ -314,14 +337,22 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         values = the_demo(work, generated, demo_requests)
         print(f"make_docs: leaker serve, leaker load x {requests} (both modes)", file=sys.stderr)
         values.update(by_hand(work, generated, requests))
+        sampled_requests = SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST * requests
+        print(
+            f"make_docs: sampling heap profiler, leaker load x {sampled_requests}", file=sys.stderr
+        )
+        values.update(sampled(work, generated, sampled_requests))
         print("make_docs: go tool pprof", file=sys.stderr)
-        with_pprof(work, generated)
+        values.update(with_pprof(work, generated))
     main_py = ROOT / "app" / "main.py"
     (generated / "leaky-wrapper.txt").write_text(
         source_excerpt(main_py, "class OpenTelemetryPerRequest", "# the leak") + "\n"
     )
     (generated / "fix.txt").write_text(
         source_excerpt(main_py, "if settings.leak_mode ==", "# the fix") + "\n"
+    )
+    (generated / "mount.txt").write_text(
+        source_excerpt(main_py, "if settings.pprof_enabled:", "app.mount(") + "\n"
     )
     (generated / "values.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     tutorial = render((docs / "tutorial.template.md").read_text(), generated)
