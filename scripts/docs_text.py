@@ -4,8 +4,12 @@ pprof's SVG made into a picture a code host can show, and Go's heap header read 
 from __future__ import annotations
 
 import re
+import sys
+import sysconfig
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+PPROF_TIME = re.compile(r"Time: [A-Z][a-z]{2} \d+, \d{4} at [0-9:apm]+ \(\w+\)")
 MAX_SVG_WIDTH = 1200  # px: wider than a code host's column, so it is scaled down, not cropped
 
 _SVG_TAG = re.compile(r"<svg\b[^>]*>")
@@ -99,3 +103,24 @@ def source_excerpt(path: Path, first: str, last: str) -> str:
     start = next(i for i, line in enumerate(lines) if first in line)
     end = next(i for i in range(start, len(lines)) if last in lines[i])
     return "\n".join(f"{i + 1:4d}  {lines[i]}" for i in range(start, end + 1))
+
+
+class Normalise:
+    """Replaces what differs between machines and runs in an output: paths and times."""
+
+    def __init__(self, renames: dict[Path, str]) -> None:
+        paths = sysconfig.get_paths()
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        replacements = {
+            paths["purelib"]: ".../site-packages",
+            paths["stdlib"]: f".../lib/python{version}",
+            str(ROOT): "...",
+            **{str(path): name for path, name in renames.items()},
+        }
+        # longest first: site-packages lies inside the project's .venv, temporary files in /tmp
+        self.replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
+
+    def __call__(self, text: str) -> str:
+        for path, replacement in self.replacements:
+            text = text.replace(path, replacement)
+        return PPROF_TIME.sub("Time: (removed)", text)

@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -34,14 +33,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.docs_text import heap_header, heap_text_excerpt, readable_svg, row_of, source_excerpt
+from scripts.docs_text import (
+    Normalise,
+    heap_header,
+    heap_text_excerpt,
+    readable_svg,
+    row_of,
+    source_excerpt,
+)
+from scripts.docs_zipkin import one_span
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 LEAKER = [sys.executable, "-m", "app.cli"]
 PLACEHOLDER = re.compile(r"\{\{(file|value):([^}]+)\}\}")
 GENERATED_LINK = re.compile(r"\]\((generated/[^)\s]+)\)")
-PPROF_TIME = re.compile(r"Time: [A-Z][a-z]{2} \d+, \d{4} at [0-9:apm]+ \(\w+\)")
 TUTORIAL_REQUESTS = 1000  # per service, in the by-hand steps
 SHOWN_URL = "http://localhost:8080"  # where the tutorial's service listens (`leaker serve`)
 LEAKY, FIXED = "leaky.heap.pb.gz", "fixed.heap.pb.gz"
@@ -101,27 +107,6 @@ def check(docs: Path) -> list[str]:
 # --- Running the steps ---
 
 
-class Normalise:
-    """Replaces what differs between machines and runs in an output: paths and times."""
-
-    def __init__(self, renames: dict[Path, str]) -> None:
-        paths = sysconfig.get_paths()
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        replacements = {
-            paths["purelib"]: ".../site-packages",
-            paths["stdlib"]: f".../lib/python{version}",
-            str(ROOT): "...",
-            **{str(path): name for path, name in renames.items()},
-        }
-        # longest first: site-packages lies inside the project's .venv, temporary files in /tmp
-        self.replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
-
-    def __call__(self, text: str) -> str:
-        for path, replacement in self.replacements:
-            text = text.replace(path, replacement)
-        return PPROF_TIME.sub("Time: (removed)", text)
-
-
 def run(command: list[str], cwd: Path) -> str:
     """The command's standard output; its standard error is shown only if it fails."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
@@ -138,15 +123,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(mode: str, log_dir: Path, profiler: str = "tracemalloc") -> Iterator[str]:
-    """`leaker serve` as the tutorial starts it, on a free port; yields its URL."""
+def serving(
+    mode: str, log_dir: Path, profiler: str = "tracemalloc", zipkin: str | None = None
+) -> Iterator[str]:
+    """`leaker serve` as the tutorial starts it, on a free port; yields its URL. Traces go to the
+    `zipkin` endpoint if given, else nowhere."""
     port = free_port()
     env = {
         **os.environ,
         "LEAK_MODE": mode,
         "PPROF_HEAP_PROFILER": profiler,
         "PPROF_TRACEMALLOC": "startup",
-        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_TRACES_EXPORTER": "zipkin" if zipkin else "none",
+        **({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin} if zipkin else {}),
         "PYTHONUNBUFFERED": "1",
     }
     log_path = log_dir / f"{mode}-{profiler}-serve.log"
@@ -245,6 +234,7 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
         after = {mode: resident_memory(url) for mode, url in urls.items()}
         index = fetch(leaky_url + "/debug/pprof/").decode()
         heap_text = fetch(leaky_url + "/debug/pprof/heap?debug=1").decode()
+        legacy = pprof_over_http(leaky_url, "/debug/pprof/heap?debug=1", work)
         (work / LEAKY).write_bytes(fetch(leaky_url + "/debug/pprof/heap"))
         (work / FIXED).write_bytes(fetch(fixed_url + "/debug/pprof/heap"))
 
@@ -252,6 +242,7 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
     command = f"leaker load --url {SHOWN_URL}/ --requests {requests}"
     (generated / "load-output.txt").write_text(f"$ {command}\n{printed['leaky']}")
     (generated / "pprof-index.html").write_text(index)
+    (generated / "pprof-debug1-http.txt").write_text(legacy)
     (generated / "heap-debug1-excerpt.txt").write_text(normalise(heap_text_excerpt(heap_text)))
     header = re.match(r"heap profile: (\d+): (\d+) ", heap_text)
     record = re.search(r"^(\d+): (\d+) \[", heap_text, re.M)
@@ -271,6 +262,19 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
         values[f"{mode}_rss_after_mib"] = mib(after[mode])
         values[f"{mode}_rss_growth_per_request"] = f"{round(growth):,}"
     return values
+
+
+def pprof_over_http(url: str, path: str, work: Path) -> str:
+    """`go tool pprof -top` fetching `path` itself: for debug=1 text, whose addresses it names
+    by asking the service's /debug/pprof/symbol. It keeps a copy in PPROF_TMPDIR, here `work`."""
+    flags = ["-top", "-nodecount=5"]
+    command = ["go", "tool", "pprof", *flags, url + path]
+    env = {**os.environ, "PPROF_TMPDIR": str(work)}
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"make_docs: `{' '.join(command)}` failed:\n{done.stderr}")
+    shown = f"$ go tool pprof {' '.join(flags)} '{SHOWN_URL}{path}'\n{done.stdout}"
+    return Normalise({work: "."})(shown.replace(url, SHOWN_URL))
 
 
 def sampled(work: Path, generated: Path, requests: int) -> dict[str, object]:
@@ -342,6 +346,8 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
             f"make_docs: sampling heap profiler, leaker load x {sampled_requests}", file=sys.stderr
         )
         values.update(sampled(work, generated, sampled_requests))
+        print("make_docs: one request traced to Zipkin", file=sys.stderr)
+        values.update(one_span(serving, work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)
         values.update(with_pprof(work, generated))
     main_py = ROOT / "app" / "main.py"
@@ -351,9 +357,9 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
     (generated / "fix.txt").write_text(
         source_excerpt(main_py, "if settings.leak_mode ==", "# the fix") + "\n"
     )
-    (generated / "mount.txt").write_text(
-        source_excerpt(main_py, "if settings.pprof_enabled:", "app.mount(") + "\n"
-    )
+    mount = [("import asgi_pprof", "import asgi_pprof"), ("if settings.pprof_enabled:", "mount(")]
+    excerpts = (source_excerpt(main_py, first, last) for first, last in mount)
+    (generated / "mount.txt").write_text("\n ...\n".join(excerpts) + "\n")
     (generated / "values.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     tutorial = render((docs / "tutorial.template.md").read_text(), generated)
     (docs / "tutorial.md").write_text(tutorial)
