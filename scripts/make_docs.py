@@ -298,7 +298,7 @@ def sampled(work: Path, generated: Path, requests: int) -> dict[str, object]:
     }
 
 
-def with_pprof(work: Path, generated: Path) -> dict[str, object]:
+def with_pprof(work: Path, generated: Path) -> None:
     """Steps 4 on: `go tool pprof` with each flag in turn, on the profiles `by_hand` saved."""
     go = shutil.which("go")
     assert go is not None
@@ -323,8 +323,6 @@ def with_pprof(work: Path, generated: Path) -> dict[str, object]:
     for name, flags in images.items():
         svg = readable_svg(run([go, "tool", "pprof", *flags], work))
         (generated / name).write_text(normalise(svg))
-    flat = (generated / "pprof-focus-lines.txt").read_text()
-    return {"culprit_row_flat": row_of(flat, "app.main.OpenTelemetryPerRequest.__call__")}
 
 
 def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
@@ -342,14 +340,12 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         print(f"make_docs: leaker serve, leaker load x {requests} (both modes)", file=sys.stderr)
         values.update(by_hand(work, generated, requests))
         sampled_requests = SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST * requests
-        print(
-            f"make_docs: sampling heap profiler, leaker load x {sampled_requests}", file=sys.stderr
-        )
+        print(f"make_docs: sampling profiler, leaker load x {sampled_requests}", file=sys.stderr)
         values.update(sampled(work, generated, sampled_requests))
         print("make_docs: one request traced to Zipkin", file=sys.stderr)
         values.update(one_span(serving, work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)
-        values.update(with_pprof(work, generated))
+        with_pprof(work, generated)
     main_py = ROOT / "app" / "main.py"
     (generated / "leaky-wrapper.txt").write_text(
         source_excerpt(main_py, "class OpenTelemetryPerRequest", "# the leak") + "\n"
@@ -360,6 +356,8 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
     mount = [("import asgi_pprof", "import asgi_pprof"), ("if settings.pprof_enabled:", "mount(")]
     excerpts = (source_excerpt(main_py, first, last) for first, last in mount)
     (generated / "mount.txt").write_text("\n ...\n".join(excerpts) + "\n")
+    flat = (generated / "pprof-focus-lines.txt").read_text()
+    values["culprit_row_flat"] = row_of(flat, "app.main.OpenTelemetryPerRequest.__call__")
     (generated / "values.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     tutorial = render((docs / "tutorial.template.md").read_text(), generated)
     (docs / "tutorial.md").write_text(tutorial)

@@ -150,3 +150,23 @@ def test_the_tutorial_names_settings_that_exist() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     for name in named:
         assert f'"{name}"' in settings or name in compose, name
+
+
+def top_rows(path: Path) -> list[str]:
+    text = path.read_text()
+    return text[text.index("flat  flat%") :].splitlines()[1:]
+
+
+def test_what_the_tutorial_says_of_pprofs_outputs_is_what_they_show() -> None:
+    tutorial = (ROOT / "docs" / "tutorial.md").read_text()
+    # "sorted by `cum` instead (`-cum`), that line comes first"
+    assert (
+        "app.main.OpenTelemetryPerRequest.__call__"
+        in top_rows(GENERATED / "pprof-focus-lines-cum.txt")[0]
+    )
+    assert "that line comes first" in tutorial
+    # over HTTP, pprof names the debug=1 text's addresses through /debug/pprof/symbol
+    rows = top_rows(GENERATED / "pprof-debug1-http.txt")
+    assert rows and all(re.search(r"\s[a-z_]+\.\S+$", row) for row in rows), rows
+    assert not any("<unknown>" in row or re.search(r"\s0x[0-9a-f]+$", row) for row in rows)
+    assert "/debug/pprof/symbol" in tutorial
