@@ -57,8 +57,9 @@ FOCUS = "-focus=OpenTelemetryMiddleware"
 FOCUS_GRAPH = ["-nodecount=20", FOCUS]
 SAMPLED = "sampled.heap.pb.gz"
 # The sampler keeps one allocation per 512 KiB: the leak, about 1 KB a request, needs thousands of
-# requests for tens of samples. It runs at full speed, so this many take seconds.
-SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 10
+# requests for tens of samples, and more than startup's. It runs at full speed: this many take
+# under a minute.
+SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 20
 STARTUP_TIMEOUT_SECONDS = 60.0
 HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
 

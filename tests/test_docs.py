@@ -170,3 +170,10 @@ def test_what_the_tutorial_says_of_pprofs_outputs_is_what_they_show() -> None:
     assert rows and all(re.search(r"\s[a-z_]+\.\S+$", row) for row in rows), rows
     assert not any("<unknown>" in row or re.search(r"\s0x[0-9a-f]+$", row) for row in rows)
     assert "/debug/pprof/symbol" in tutorial
+
+
+def test_both_heap_profilers_name_the_leak_among_their_first_rows() -> None:
+    for name in ("pprof-top-exact.txt", "pprof-top-sampled.txt"):
+        rows = "\n".join(top_rows(GENERATED / name)[:6])
+        for function in ("_ProxyMeter.create_histogram", "_ProxyMeterProvider.get_meter"):
+            assert function in rows, (name, function)
