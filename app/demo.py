@@ -24,6 +24,7 @@ from typing import TextIO
 from app import chart
 from app.arguments import positive_float, positive_int
 from app.demo_report import (
+    NEXT_STEPS,
     SAMPLE_INTERVAL_SECONDS,
     TOP_FUNCTIONS,
     ModeResult,
@@ -155,7 +156,7 @@ async def load_and_sample(
             result.samples.append(Sample(elapsed, done, rss))
         progress.update(service.mode, done, errors, elapsed)
 
-    return await run_load(
+    load = await run_load(
         service.url + "/",
         concurrency=args.concurrency,
         requests=args.requests,
@@ -163,6 +164,8 @@ async def load_and_sample(
         on_progress=on_progress,
         progress_interval=SAMPLE_INTERVAL_SECONDS,
     )
+    progress.finish(service.mode)
+    return load
 
 
 async def measure(
@@ -329,6 +332,7 @@ def conclude(
         for problem in problems:
             print(f"  - {problem}", file=out)
         print("A longer load (--duration, --requests) makes the growth easier to see.", file=out)
+        print(NEXT_STEPS, file=out)
         return EXIT_STORY_FAILED
     assert culprit is not None  # verdict() requires it
     print(
@@ -338,6 +342,7 @@ def conclude(
         f"names {relative(culprit.filename)}:{culprit.line}.",
         file=out,
     )
+    print(NEXT_STEPS, file=out)
     return 0
 
 

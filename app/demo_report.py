@@ -16,6 +16,22 @@ from asgi_pprof.reader import Line, Profile, format_top
 SAMPLE_INTERVAL_SECONDS = 0.5  # resident memory sampled this often during the load
 PIPED_PROGRESS_SECONDS = 5.0
 TOP_FUNCTIONS = 10
+PPROF_UI = "127.0.0.1:8081"  # pprof's web UI, on this machine only: the profile names its code
+
+RSS_AND_TRACED = """
+Why RSS and the traced heap grow by different amounts: tracemalloc counts the bytes Python
+asked for, not what holding them costs: pymalloc's pools and arenas, malloc's headers and free
+space left between live blocks (fragmentation), pages touched once and kept. Memory allocated
+outside Python's allocators, and tracemalloc's own records of each block's stack, are in RSS
+only. The traced heap is what points at the code; RSS is what the machine pays."""
+
+NEXT_STEPS = """
+What next:
+  - docs/tutorial.md takes the blog's steps one by one on this service, with pprof's web UI.
+  - make serve starts one service (LEAK_MODE=leaky by default, LEAK_MODE=fixed for the fix)
+    on http://localhost:8080; leaker load sends it requests from another terminal.
+  - docker compose up is the workshop: the leaky service under load, Prometheus on
+    http://localhost:9090 and Zipkin on http://localhost:9411."""
 
 
 @dataclass
@@ -79,6 +95,7 @@ class Progress:
         self.results = results
         self.lines = {mode: f"{mode:<6} starting" for mode in results}
         self.shown_at = dict.fromkeys(results, 0.0)
+        self.printed = dict.fromkeys(results, "")  # piped: the line last written, per service
         self.drawn = False
 
     def update(self, mode: str, done: int, errors: int, elapsed: float) -> None:
@@ -95,8 +112,19 @@ class Progress:
             self.drawn = True
         elif elapsed - self.shown_at[mode] >= PIPED_PROGRESS_SECONDS:
             self.shown_at[mode] = elapsed
-            self.stream.write(self.lines[mode] + "\n")
+            self._write(mode)
         self.stream.flush()
+
+    def finish(self, mode: str) -> None:
+        """Piped, the last update may have come too soon after the one shown: show it anyway,
+        so that the output ends with where the load ended."""
+        if not self.live and self.printed[mode] != self.lines[mode]:
+            self._write(mode)
+            self.stream.flush()
+
+    def _write(self, mode: str) -> None:
+        self.printed[mode] = self.lines[mode]
+        self.stream.write(self.lines[mode] + "\n")
 
 
 def _mib(value: int) -> str:
@@ -163,6 +191,7 @@ def report(
     say("\nMemory at the start and end of the load (traced heap: the live blocks tracemalloc")
     say("traces, the heap profile's total; RSS: resident memory, process_resident_memory_bytes):")
     say(comparison_table(results))
+    say(RSS_AND_TRACED)
     say(f"\nResident memory against requests served, sampled every {SAMPLE_INTERVAL_SECONDS:g} s:")
     say(chart.terminal_chart(memory_series(results), "requests served", "MiB", y_format=_one_digit))
 
@@ -175,7 +204,7 @@ def report(
         say(f"from this line, {relative(culprit.filename)}:{culprit.line}:")
         say(f"\n    {culprit.line} | {culprit.source}\n")
     say("Dig further with Go's pprof (`go tool pprof`, or `pprof` from github.com/google/pprof):")
-    say(f"    go tool pprof -http=:8081 {leaky_profile}")
+    say(f"    go tool pprof -http={PPROF_UI} {leaky_profile}")
     say(f"    go tool pprof -top -lines -focus=OpenTelemetryMiddleware {leaky_profile}")
     say(f"    go tool pprof -top -nodefraction=0 {leaky_profile}")
     say(f"    go tool pprof -top -focus=OpenTelemetryMiddleware {output / 'fixed.heap.pb.gz'}")

@@ -6,7 +6,8 @@ configured, so those instruments land on OpenTelemetry's global *proxy* meter pr
 every meter and instrument it is ever asked for.
 
 - LEAK_MODE=leaky (the Go repo's `master`): the wrapper is built anew on every request, so every
-  request adds a meter and three histograms to the proxy provider. Memory grows forever.
+  request adds a meter, three histograms and one up-down counter to the proxy provider (see
+  branches.md). Memory grows forever.
 - LEAK_MODE=fixed (the Go repo's `fixed-leak`): the wrapper is built once, at startup.
 
 `/metrics` is for Prometheus; `/debug/pprof/` serves heap profiles that lead back to this file.

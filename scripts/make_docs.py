@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -34,16 +33,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from scripts.docs_text import (
+    Normalise,
+    heap_header,
+    heap_text_excerpt,
+    readable_svg,
+    row_of,
+    source_excerpt,
+)
+from scripts.docs_zipkin import one_span
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 LEAKER = [sys.executable, "-m", "app.cli"]
 PLACEHOLDER = re.compile(r"\{\{(file|value):([^}]+)\}\}")
 GENERATED_LINK = re.compile(r"\]\((generated/[^)\s]+)\)")
-PPROF_TIME = re.compile(r"Time: [A-Z][a-z]{2} \d+, \d{4} at [0-9:apm]+ \(\w+\)")
 TUTORIAL_REQUESTS = 1000  # per service, in the by-hand steps
 SHOWN_URL = "http://localhost:8080"  # where the tutorial's service listens (`leaker serve`)
 LEAKY, FIXED = "leaky.heap.pb.gz", "fixed.heap.pb.gz"
 FOCUS = "-focus=OpenTelemetryMiddleware"
+# The focus graph: pprof's default cuts (nodes under 0.5%, edges under 0.1%) and at most 20 nodes.
+# With -nodefraction=0 it was 3,460 px wide, a row of tiny nodes whose edges had been cut.
+FOCUS_GRAPH = ["-nodecount=20", FOCUS]
+SAMPLED = "sampled.heap.pb.gz"
+# The sampler keeps one allocation per 512 KiB: the leak, about 1 KB a request, needs thousands of
+# requests for tens of samples, and more than startup's. It runs at full speed: this many take
+# under a minute.
+SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 20
 STARTUP_TIMEOUT_SECONDS = 60.0
 HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
 
@@ -92,27 +108,6 @@ def check(docs: Path) -> list[str]:
 # --- Running the steps ---
 
 
-class Normalise:
-    """Replaces what differs between machines and runs in an output: paths and times."""
-
-    def __init__(self, renames: dict[Path, str]) -> None:
-        paths = sysconfig.get_paths()
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        replacements = {
-            paths["purelib"]: ".../site-packages",
-            paths["stdlib"]: f".../lib/python{version}",
-            str(ROOT): "...",
-            **{str(path): name for path, name in renames.items()},
-        }
-        # longest first: site-packages lies inside the project's .venv, temporary files in /tmp
-        self.replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
-
-    def __call__(self, text: str) -> str:
-        for path, replacement in self.replacements:
-            text = text.replace(path, replacement)
-        return PPROF_TIME.sub("Time: (removed)", text)
-
-
 def run(command: list[str], cwd: Path) -> str:
     """The command's standard output; its standard error is shown only if it fails."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
@@ -129,17 +124,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(mode: str, log_dir: Path) -> Iterator[str]:
-    """`leaker serve` as the tutorial starts it, on a free port; yields its URL."""
+def serving(
+    mode: str, log_dir: Path, profiler: str = "tracemalloc", zipkin: str | None = None
+) -> Iterator[str]:
+    """`leaker serve` as the tutorial starts it, on a free port; yields its URL. Traces go to the
+    `zipkin` endpoint if given, else nowhere."""
     port = free_port()
     env = {
         **os.environ,
         "LEAK_MODE": mode,
+        "PPROF_HEAP_PROFILER": profiler,
         "PPROF_TRACEMALLOC": "startup",
-        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_TRACES_EXPORTER": "zipkin" if zipkin else "none",
+        **({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin} if zipkin else {}),
         "PYTHONUNBUFFERED": "1",
     }
-    log_path = log_dir / f"{mode}-serve.log"
+    log_path = log_dir / f"{mode}-{profiler}-serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [*LEAKER, "serve", "--port", str(port)],
@@ -189,20 +189,6 @@ def resident_memory(url: str) -> float:
     return float(found.group(1))
 
 
-def heap_text_excerpt(text: str) -> str:
-    """The header and first record, then the python.MemStats footer, of a debug=1 heap profile."""
-    first_record = text.split("\n\n")[0]
-    return f"{first_record}\n\n...\n\n{text[text.index('# python.MemStats') :]}"
-
-
-def source_excerpt(path: Path, first: str, last: str) -> str:
-    """Lines of `path`, numbered, from the first one containing `first` to the next with `last`."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if first in line)
-    end = next(i for i in range(start, len(lines)) if last in lines[i])
-    return "\n".join(f"{i + 1:4d}  {lines[i]}" for i in range(start, end + 1))
-
-
 def mib(value: float) -> str:
     return f"{value / 2**20:.1f}"
 
@@ -249,6 +235,7 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
         after = {mode: resident_memory(url) for mode, url in urls.items()}
         index = fetch(leaky_url + "/debug/pprof/").decode()
         heap_text = fetch(leaky_url + "/debug/pprof/heap?debug=1").decode()
+        legacy = pprof_over_http(leaky_url, "/debug/pprof/heap?debug=1", work)
         (work / LEAKY).write_bytes(fetch(leaky_url + "/debug/pprof/heap"))
         (work / FIXED).write_bytes(fetch(fixed_url + "/debug/pprof/heap"))
 
@@ -256,6 +243,7 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
     command = f"leaker load --url {SHOWN_URL}/ --requests {requests}"
     (generated / "load-output.txt").write_text(f"$ {command}\n{printed['leaky']}")
     (generated / "pprof-index.html").write_text(index)
+    (generated / "pprof-debug1-http.txt").write_text(legacy)
     (generated / "heap-debug1-excerpt.txt").write_text(normalise(heap_text_excerpt(heap_text)))
     header = re.match(r"heap profile: (\d+): (\d+) ", heap_text)
     record = re.search(r"^(\d+): (\d+) \[", heap_text, re.M)
@@ -277,6 +265,40 @@ def by_hand(work: Path, generated: Path, requests: int) -> dict[str, object]:
     return values
 
 
+def pprof_over_http(url: str, path: str, work: Path) -> str:
+    """`go tool pprof -top` fetching `path` itself: for debug=1 text, whose addresses it names
+    by asking the service's /debug/pprof/symbol. It keeps a copy in PPROF_TMPDIR, here `work`."""
+    flags = ["-top", "-nodecount=5"]
+    command = ["go", "tool", "pprof", *flags, url + path]
+    env = {**os.environ, "PPROF_TMPDIR": str(work)}
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"make_docs: `{' '.join(command)}` failed:\n{done.stderr}")
+    shown = f"$ go tool pprof {' '.join(flags)} '{SHOWN_URL}{path}'\n{done.stdout}"
+    return Normalise({work: "."})(shown.replace(url, SHOWN_URL))
+
+
+def sampled(work: Path, generated: Path, requests: int) -> dict[str, object]:
+    """The same leak under Go's kind of heap profiler: its debug=1 header, field by field, and its
+    profile (saved in `work` for pprof)."""
+    with serving("leaky", work, profiler="sampling") as url:
+        run([*LEAKER, "load", "--url", url + "/", "--requests", str(requests)], ROOT)
+        text = fetch(url + "/debug/pprof/heap?debug=1").decode()
+        (work / SAMPLED).write_bytes(fetch(url + "/debug/pprof/heap"))
+    header = heap_header(text)
+    (generated / "sampled-heap-header.txt").write_text(f"{header['line']}\n")
+    rate = re.search(r"^# MemProfileRate = (\d+)$", text, re.MULTILINE)
+    frames = re.search(r"^# MaxFrames = (\d+)$", text, re.MULTILINE)
+    assert rate and frames, "the sampled debug=1 footer changed its format"
+    values = {f"sampled_{key}": value for key, value in header.items() if key != "line"}
+    return {
+        **values,
+        "sampled_requests": f"{requests:,}",
+        "sampled_rate": int(rate.group(1)),
+        "sampled_frames": int(frames.group(1)),
+    }
+
+
 def with_pprof(work: Path, generated: Path) -> None:
     """Steps 4 on: `go tool pprof` with each flag in turn, on the profiles `by_hand` saved."""
     go = shutil.which("go")
@@ -286,18 +308,22 @@ def with_pprof(work: Path, generated: Path) -> None:
         "pprof-top.txt": ["-top", "-nodecount=15", LEAKY],
         "pprof-top-nodefraction0.txt": ["-top", "-nodefraction=0", "-nodecount=25", LEAKY],
         "pprof-focus-lines.txt": ["-top", "-lines", FOCUS, LEAKY],
+        "pprof-focus-lines-cum.txt": ["-top", "-lines", "-cum", "-nodecount=5", FOCUS, LEAKY],
         "pprof-list.txt": ["-list=OpenTelemetryPerRequest", LEAKY],
         "pprof-fixed-focus.txt": ["-top", FOCUS, FIXED],
+        "pprof-top-sampled.txt": ["-top", "-nodecount=10", SAMPLED],
+        "pprof-top-exact.txt": ["-top", "-nodecount=10", LEAKY],
     }
     for name, flags in texts.items():
         printed = run([go, "tool", "pprof", *flags], work)
         (generated / name).write_text(normalise(f"$ go tool pprof {' '.join(flags)}\n{printed}"))
     images = {
         "leaky-heap.svg": ["-svg", LEAKY],
-        "leaky-heap-focus.svg": ["-svg", "-nodefraction=0", FOCUS, LEAKY],
+        "leaky-heap-focus.svg": ["-svg", *FOCUS_GRAPH, LEAKY],
     }
     for name, flags in images.items():
-        (generated / name).write_text(normalise(run([go, "tool", "pprof", *flags], work)))
+        svg = readable_svg(run([go, "tool", "pprof", *flags], work))
+        (generated / name).write_text(normalise(svg))
 
 
 def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
@@ -314,6 +340,11 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         values = the_demo(work, generated, demo_requests)
         print(f"make_docs: leaker serve, leaker load x {requests} (both modes)", file=sys.stderr)
         values.update(by_hand(work, generated, requests))
+        sampled_requests = SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST * requests
+        print(f"make_docs: sampling profiler, leaker load x {sampled_requests}", file=sys.stderr)
+        values.update(sampled(work, generated, sampled_requests))
+        print("make_docs: one request traced to Zipkin", file=sys.stderr)
+        values.update(one_span(serving, work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)
         with_pprof(work, generated)
     main_py = ROOT / "app" / "main.py"
@@ -323,6 +354,11 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
     (generated / "fix.txt").write_text(
         source_excerpt(main_py, "if settings.leak_mode ==", "# the fix") + "\n"
     )
+    mount = [("import asgi_pprof", "import asgi_pprof"), ("if settings.pprof_enabled:", "mount(")]
+    excerpts = (source_excerpt(main_py, first, last) for first, last in mount)
+    (generated / "mount.txt").write_text("\n ...\n".join(excerpts) + "\n")
+    flat = (generated / "pprof-focus-lines.txt").read_text()
+    values["culprit_row_flat"] = row_of(flat, "app.main.OpenTelemetryPerRequest.__call__")
     (generated / "values.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     tutorial = render((docs / "tutorial.template.md").read_text(), generated)
     (docs / "tutorial.md").write_text(tutorial)

@@ -2,19 +2,18 @@
 
 The demo runs for real, as a subprocess with a small load: its verdicts are checked against the
 numbers it saved, its profile reader against `go tool pprof` and an independent decoder, and
-its clean-up against signals arriving mid-run.
+its ending against what a reader needs next (stopping early: test_demo_stopping.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from app import demo, demo_report, demo_services
 from app.demo import ModeResult
 from app.demo import Sample as RSSSample
 from asgi_pprof.reader import Line, Profile, Sample, read_profile
-from tests.zipkin_receiver import zipkin_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAKER = [sys.executable, "-m", "app.cli"]
@@ -148,6 +146,22 @@ def test_resident_bytes_is_what_prometheus_reports_as_resident_memory() -> None:
     assert demo_services.resident_bytes(2**22 + 12345) is None  # no such process
 
 
+def test_piped_progress_ends_with_the_last_update_even_when_it_came_soon_after_one_shown() -> None:
+    out = io.StringIO()
+    progress = demo_report.Progress(out, {"leaky": mode_result("leaky", 0, 0)})
+    for tick in range(1, 81):  # every 0.5 s, as the demo samples; the load ends at 39.9 s
+        progress.update("leaky", 10 * tick, 0, min(tick * 0.5, 39.9))
+    progress.finish("leaky")
+    progress.finish("leaky")  # nothing new: not written twice
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["5.0", "10.0", "15.0", "20.0", "25.0"] + [
+        "30.0",
+        "35.0",
+        "39.9",
+    ]
+    assert lines[-1].split()[3] == "800"  # the requests the load ended with
+
+
 # --- The demo, run for real ---
 
 
@@ -223,6 +237,34 @@ def test_the_demo_names_the_line_that_builds_the_middleware_per_request(demo_run
     assert "go tool pprof -top -lines -focus=OpenTelemetryMiddleware" in demo_run.stdout
 
 
+def test_the_demo_ends_its_progress_where_the_load_ended(demo_run: DemoRun) -> None:
+    for mode in ("leaky", "fixed"):
+        shown = [
+            line for line in demo_run.stdout.splitlines() if re.match(rf"{mode} +[\d.]+ s ", line)
+        ]
+        assert shown, demo_run.stdout
+        served = demo_run.summary["modes"][mode]["requests"]
+        assert re.search(rf" {served} requests ", shown[-1]), (mode, shown[-1])
+
+
+def test_the_demo_ends_with_what_to_do_next(demo_run: DemoRun) -> None:
+    ending = demo_run.stdout[demo_run.stdout.index("The story held") :]
+    for step in ("docs/tutorial.md", "make serve", "docker compose up"):
+        assert step in ending, step
+    assert (ROOT / "docs" / "tutorial.md").is_file()
+    assert re.search(r"^serve:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    # pprof's UI on this machine only: the profile names the service's code
+    assert "go tool pprof -http=127.0.0.1:8081 " in demo_run.stdout
+    assert not re.search(r"-http=:\d", demo_run.stdout)
+
+
+def test_the_demo_says_why_rss_grows_more_than_the_traced_heap(demo_run: DemoRun) -> None:
+    table_end = demo_run.stdout.index("traced growth/request")
+    why = demo_run.stdout[table_end : demo_run.stdout.index("Resident memory against")]
+    for reason in ("fragmentation", "arenas", "tracemalloc's own"):
+        assert reason in why, reason
+
+
 def test_the_demo_saves_its_files(demo_run: DemoRun) -> None:
     for name in demo_run.summary["files"] + ["demo.json"]:
         assert (demo_run.output / name).stat().st_size > 0, name
@@ -261,92 +303,6 @@ def test_the_demo_prints_the_top_as_go_tool_pprof_does(
     )
     theirs = pprof.stdout[pprof.stdout.index("Showing nodes accounting for") :]
     assert theirs in demo_run.stdout
-
-
-# --- Stopping early ---
-
-
-def run_until(line_start: str, tmp_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start the demo and read its output up to a line starting with `line_start`."""
-    process = subprocess.Popen(
-        [*LEAKER, "demo", "--duration", "60", "--output", str(tmp_path / "out")],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(line_start):
-            return process, lines
-    process.kill()
-    pytest.fail(f"no line starting {line_start!r} in:\n{''.join(lines)}")
-
-
-@pytest.mark.parametrize(
-    ("when", "sent", "status"),
-    [
-        ("Loading both at once", signal.SIGINT, 130),
-        ("Taking the first heap profiles", signal.SIGTERM, 128 + signal.SIGTERM),
-        ("Started the fixed service", signal.SIGINT, 130),
-    ],
-)
-def test_a_signal_mid_run_stops_both_services_and_exits(
-    when: str, sent: signal.Signals, status: int, tmp_path: Path
-) -> None:
-    process, lines = run_until(when, tmp_path)
-    time.sleep(1.0)
-    process.send_signal(sent)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == status, stdout + stderr
-    assert f"leaker demo: {sent.name}: stopping the services." in stderr
-    pids = service_pids("".join(lines) + stdout)
-    assert len(pids) == 2
-    assert all(is_gone(pid) for pid in pids)
-
-
-def test_with_zipkin_set_both_services_send_their_traces_and_the_story_holds(
-    tmp_path: Path,
-) -> None:
-    with zipkin_receiver() as zipkin:
-        finished = subprocess.run(
-            [*LEAKER, "demo", "--requests", "200", "--output", str(tmp_path / "out")],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=DEMO_TIMEOUT_SECONDS,
-            env={**os.environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin.endpoint},
-        )
-        spans = zipkin.received()
-        assert zipkin.rejected() == []
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    assert f"Traces go to Zipkin at {zipkin.endpoint}." in finished.stdout
-    services = {span["localEndpoint"]["serviceName"] for span in spans}
-    assert services == {"leaker-leaky", "leaker-fixed"}
-    server_spans = [span for span in spans if span.get("kind") == "SERVER"]
-    # every request of the load, the warm-up and the demo's own requests has a SERVER span
-    assert len(server_spans) >= 2 * 200
-
-
-def test_a_service_that_cannot_start_is_reported(tmp_path: Path) -> None:
-    finished = subprocess.run(
-        [*LEAKER, "demo", "--requests", "10", "--output", str(tmp_path / "out")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT": "ftp://nowhere"},
-    )
-    assert finished.returncode == 2
-    assert "service exited with status" in finished.stderr
-    assert "OTEL_EXPORTER_ZIPKIN_ENDPOINT" in finished.stderr
-    assert all(is_gone(pid) for pid in service_pids(finished.stdout))
 
 
 # --- The tutorial ---

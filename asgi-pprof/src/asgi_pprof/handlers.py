@@ -180,7 +180,9 @@ class PprofApp:
         else:
             with heap.tracing_window(self.frames) as traced_before:
                 start = await self._window_start(traced_before)
-                await asyncio.sleep(seconds)
+                # The window runs from the start's capture: the seconds its build took count.
+                taken_ns = time.time_ns() - heap.HeapProfile.from_bytes(start).time_ns
+                await asyncio.sleep(max(0.0, seconds - taken_ns / 1e9))
                 if collect_first:
                     gc.collect()
                 built = await self._builds.alone(partial(heap.build, debug=debug, start=start))
@@ -368,7 +370,7 @@ def _address(word: bytes) -> int:
 
 
 def _heap_snapshot(in_child: bool) -> bytes:
-    return heap.capture(stop_tracing=in_child).to_bytes()
+    return heap.capture(stop_tracing=in_child, service_pid=heap.service_pid(in_child)).to_bytes()
 
 
 _INDEX_PAGE = """<html>

@@ -76,18 +76,22 @@ def _is_own(stack: Stack) -> bool:
     )
 
 
-def capture(stop_tracing: bool = False) -> HeapProfile:
+def capture(stop_tracing: bool = False, service_pid: int | None = None) -> HeapProfile:
     """What is in use now, grouped by allocating stack. Empty when tracemalloc is not tracing.
 
     `stop_tracing` is for a forked child (see `forked`): once the traces are read, the child stops
     its own copy of tracemalloc, so that everything after runs untraced, at full speed. Without it
     the loop below must allocate almost nothing per block: each allocation would itself be traced.
+    `service_pid` is the process whose resident memory the footer reports: in a child, the parent's.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a full collection in the middle would scan the million tuples we just made
     try:
-        statistics = _memory_statistics()
+        statistics = _memory_statistics(os.getpid() if service_pid is None else service_pid)
         frames = tracemalloc.get_traceback_limit()
+        # The profile's time is when its traces were read, not when the walk below ends: a
+        # window's length must not include the seconds that walking a large heap takes.
+        time_ns = time.time_ns()
         traces = tracemalloc._get_traces()  # what take_snapshot() uses, without the Snapshot
         if stop_tracing:
             tracemalloc.stop()
@@ -115,14 +119,19 @@ def capture(stop_tracing: bool = False) -> HeapProfile:
         for key, sizes in sizes_by_key.items()
         if any(sizes) and not _is_own(stack_by_key[key])
     }
-    return HeapProfile(stacks, frames, statistics=statistics)
+    return HeapProfile(stacks, frames, time_ns, statistics=statistics)
+
+
+def service_pid(in_child: bool) -> int:
+    """The service's process: a forked child's parent, or this process when built in-process."""
+    return os.getppid() if in_child else os.getpid()
 
 
 def build(in_child: bool, debug: int, start: bytes | None = None) -> bytes:
     """Capture, subtract the window's `start` (`HeapProfile.to_bytes`), and encode: the work
     that `forked.run` does in a child. Returns what `open_answer` unpacks in the parent."""
     named_before = len(addressed_frames())
-    profile = capture(stop_tracing=in_child)
+    profile = capture(stop_tracing=in_child, service_pid=service_pid(in_child))
     if start is not None:
         profile = profile.minus(HeapProfile.from_bytes(start))
     payload = render_text(profile).encode() if debug > 0 else encode(profile)
@@ -214,8 +223,12 @@ def render_text(profile: HeapProfile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _memory_statistics() -> list[str]:
-    """The footer: Python's counterpart of Go's `# runtime.MemStats`, only numbers we measure."""
+def _memory_statistics(pid: int) -> list[str]:
+    """The footer: Python's counterpart of Go's `# runtime.MemStats`, only numbers we measure.
+
+    Read in the forked child, whose copy of tracemalloc and the collector is the service's as it
+    was at the fork; but its resident memory is its own, so `RSS` is read from the service, `pid`.
+    """
     traced, peak = tracemalloc.get_traced_memory()
     stats = [
         "# python.MemStats",
@@ -225,7 +238,7 @@ def _memory_statistics() -> list[str]:
         f"# PeakTracedBytes = {peak}",
         f"# TracemallocOverheadBytes = {tracemalloc.get_tracemalloc_memory()}",
     ]
-    rss = _resident_bytes()
+    rss = resident_bytes(pid)
     if rss is not None:
         stats.append(f"# RSS = {rss}")
     gc_stats = gc.get_stats()
@@ -235,9 +248,10 @@ def _memory_statistics() -> list[str]:
     return stats
 
 
-def _resident_bytes() -> int | None:
+def resident_bytes(pid: int) -> int | None:
+    """The resident memory of process `pid`, in bytes; None where /proc cannot tell."""
     try:
-        with open("/proc/self/statm") as statm:
+        with open(f"/proc/{pid}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
