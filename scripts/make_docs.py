@@ -316,6 +316,9 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         values.update(by_hand(work, generated, requests))
         print("make_docs: go tool pprof", file=sys.stderr)
         with_pprof(work, generated)
+        from scripts import screenshots  # not at the top: --check runs without PYTHONPATH=.
+
+        values.update(screenshots.take(generated, work))
     main_py = ROOT / "app" / "main.py"
     (generated / "leaky-wrapper.txt").write_text(
         source_excerpt(main_py, "class OpenTelemetryPerRequest", "# the leak") + "\n"
