@@ -59,7 +59,7 @@ class ScreenshotError(Exception):
     """A page could not be shot, or the shot came out blank."""
 
 
-def take(generated: Path, work: Path) -> dict[str, str]:
+def take(generated: Path, work: Path) -> dict[str, object]:
     """Every screenshot into `generated` (scratch files in `work`); the values for values.json."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
@@ -70,7 +70,11 @@ def take(generated: Path, work: Path) -> dict[str, str]:
     profile = prometheus_memory(generated / "prometheus-memory.png", work, run_id)
     pprof_ui(profile, generated, run_id)
     print(f"make_docs: screenshots took {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return {"screenshots_run": run_id}
+    return {
+        "screenshots_run": run_id,
+        "screenshots_load_seconds": LOAD_SECONDS,
+        "screenshots_leak_line": f"app/main.py:{leaking_line(ROOT / 'app' / 'main.py')}",
+    }
 
 
 # --- Prometheus ---
