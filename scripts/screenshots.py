@@ -103,6 +103,9 @@ def prometheus_memory(png: Path, work: Path, run_id: str) -> Path:
             )
             for url in urls.values()
         ]
+        for load in loads:  # unwound first: a load still running when something failed stops
+            stack.callback(load.wait)
+            stack.callback(load.kill)
         for load in loads:
             _, errors = load.communicate(timeout=LOAD_SECONDS + 60)
             if load.returncode != 0:
