@@ -12,7 +12,8 @@ docs/tutorial.md.
                                              # filled from docs/generated/ as committed
 
 Placeholders: `{{file:NAME}}` is docs/generated/NAME (without its last newline), `{{value:KEY}}`
-is KEY in docs/generated/values.json. Needs `go` (for `go tool pprof`) and `dot` (graphviz).
+is KEY in docs/generated/values.json. Needs `go` (for `go tool pprof`), `dot` (graphviz), and for
+the screenshots (scripts/screenshots.py) `chromium` and `prometheus`.
 """
 
 from __future__ import annotations
@@ -347,6 +348,9 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         values.update(one_span(serving, work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)
         with_pprof(work, generated)
+        from scripts import screenshots  # not at the top: --check runs without PYTHONPATH=.
+
+        values.update(screenshots.take(generated, work))
     main_py = ROOT / "app" / "main.py"
     (generated / "leaky-wrapper.txt").write_text(
         source_excerpt(main_py, "class OpenTelemetryPerRequest", "# the leak") + "\n"
