@@ -121,7 +121,9 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request: pytest.FixtureRequest) -> Iterator[None]:
+    started = time.monotonic()
     yield
+    FIGURES.add(f"the stack test took {time.monotonic() - started:.0f} s")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if FIGURES.lines and capture is not None:
         with capture.global_and_fixture_disabled():  # past pytest's capture, into the CI log
