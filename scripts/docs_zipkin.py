@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from scripts.processes import serving
 from tests.zipkin_receiver import zipkin_receiver
 
-Serving = Callable[..., AbstractContextManager[str]]  # make_docs.serving
 
-
-def one_span(serving: Serving, work: Path, generated: Path) -> dict[str, object]:
+def one_span(work: Path, generated: Path) -> dict[str, object]:
     """A request to the leaky service, traced to Zipkin: its span in zipkin-span.json."""
     with zipkin_receiver() as zipkin:
         with serving("leaky", work, zipkin=zipkin.endpoint) as url:

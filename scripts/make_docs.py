@@ -7,9 +7,10 @@ to docs/generated/, with absolute paths and times normalised so that a rerun dif
 it measured; then docs/tutorial.template.md, its placeholders filled from them, becomes
 docs/tutorial.md.
 
-    make docs                                # PYTHONPATH=. .venv/bin/python scripts/make_docs.py
-    python scripts/make_docs.py --check      # exit 1 unless docs/tutorial.md is the template
-                                             # filled from docs/generated/ as committed
+    make docs                     # PYTHONPATH=. .venv/bin/python scripts/make_docs.py
+    PYTHONPATH=. .venv/bin/python scripts/make_docs.py --check
+                                  # exit 1 unless docs/tutorial.md is the template filled
+                                  # from docs/generated/ as committed
 
 Placeholders: `{{file:NAME}}` is docs/generated/NAME (without its last newline), `{{value:KEY}}`
 is KEY in docs/generated/values.json. Needs `go` (for `go tool pprof`), `dot` (graphviz), and for
@@ -23,17 +24,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from scripts import screenshots
 from scripts.docs_text import (
     Normalise,
     heap_header,
@@ -43,6 +40,7 @@ from scripts.docs_text import (
     source_excerpt,
 )
 from scripts.docs_zipkin import one_span
+from scripts.processes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -61,7 +59,6 @@ SAMPLED = "sampled.heap.pb.gz"
 # requests for tens of samples, and more than startup's. It runs at full speed: this many take
 # under a minute.
 SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 20
-STARTUP_TIMEOUT_SECONDS = 60.0
 HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
 
 
@@ -116,64 +113,6 @@ def run(command: list[str], cwd: Path) -> str:
         sys.stderr.write(done.stderr)
         raise SystemExit(f"make_docs: `{' '.join(command)}` exited with {done.returncode}")
     return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serving(
-    mode: str, log_dir: Path, profiler: str = "tracemalloc", zipkin: str | None = None
-) -> Iterator[str]:
-    """`leaker serve` as the tutorial starts it, on a free port; yields its URL. Traces go to the
-    `zipkin` endpoint if given, else nowhere."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "LEAK_MODE": mode,
-        "PPROF_HEAP_PROFILER": profiler,
-        "PPROF_TRACEMALLOC": "startup",
-        "OTEL_TRACES_EXPORTER": "zipkin" if zipkin else "none",
-        **({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin} if zipkin else {}),
-        "PYTHONUNBUFFERED": "1",
-    }
-    log_path = log_dir / f"{mode}-{profiler}-serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*LEAKER, "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"leaker serve ({mode}) did not start")
-            try:
-                urllib.request.urlopen(url + "/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield url
-    except Exception:
-        sys.stderr.write(f"make_docs: {log_path}:\n{log_path.read_text(errors='replace')}")
-        raise
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def fetch(url: str) -> bytes:
@@ -345,10 +284,9 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         print(f"make_docs: sampling profiler, leaker load x {sampled_requests}", file=sys.stderr)
         values.update(sampled(work, generated, sampled_requests))
         print("make_docs: one request traced to Zipkin", file=sys.stderr)
-        values.update(one_span(serving, work, generated))
+        values.update(one_span(work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)
         with_pprof(work, generated)
-        from scripts import screenshots  # not at the top: --check runs without PYTHONPATH=.
 
         values.update(screenshots.take(generated, work))
     main_py = ROOT / "app" / "main.py"

@@ -20,25 +20,23 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
+from asgi_pprof.protobuf import VARINT, ProtoWriter, read_fields
 from asgi_pprof.reader import read_profile, top_line
 from scripts import png_file
+from scripts.processes import LEAKER, ROOT, STARTUP_TIMEOUT_SECONDS, free_port, running, serving
 
-ROOT = Path(__file__).resolve().parent.parent
-LEAKER = [sys.executable, "-m", "app.cli"]
 RUN_KEYWORD = "leaker-docs-run"
 TOOLS = ("chromium", "prometheus", "go")
 LOAD_SECONDS = 75  # enough for the leaky line to climb clearly away from the fixed one
@@ -47,7 +45,6 @@ MEMORY_QUERY = 'process_resident_memory_bytes{job="leaker"}'  # as the tutorial 
 WINDOW = (1280, 800)  # text at its normal size stays legible when the page shows the image
 PROMETHEUS_WINDOW = (1280, 860)  # down to the graph's legend, which tells leaky from fixed
 SOURCE_WINDOW = (1280, 380)  # the function and the lines around it; below, an empty page
-STARTUP_TIMEOUT_SECONDS = 60.0
 BROWSER_TIMEOUT_SECONDS = 90.0
 RENDER_BUDGET_MS = 5000  # virtual time for a page's scripts and requests to finish drawing
 LEAK_MARK = "# the leak"  # the comment on the leaking line of app/main.py
@@ -84,9 +81,11 @@ def prometheus_memory(png: Path, work: Path, run_id: str) -> Path:
     """Shoots Prometheus's graph of both services' memory under load; returns the path of the
     leaky service's heap profile, taken at the end of the load."""
     profile = work / "leaky.sampled.heap.pb.gz"
+    logs = work / "screenshots"  # beside make_docs' own services' logs, not over them
+    logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
         urls = {
-            mode: stack.enter_context(leaker_serve(mode, work / f"screenshots-{mode}.log"))
+            mode: stack.enter_context(serving(mode, logs, "sampling"))
             for mode in ("leaky", "fixed")
         }
         config = work / "prometheus.yml"
@@ -169,22 +168,6 @@ def wait_for_targets(prometheus: str, count: int) -> None:
     raise ScreenshotError(f"Prometheus did not scrape {count} targets in time")
 
 
-@contextmanager
-def leaker_serve(mode: str, log: Path) -> Iterator[str]:
-    """`leaker serve` in `mode` with the sampling heap profiler, on a free port; yields its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "LEAK_MODE": mode,
-        "PPROF_HEAP_PROFILER": "sampling",
-        "OTEL_TRACES_EXPORTER": "none",  # nobody to send spans to
-        "PYTHONUNBUFFERED": "1",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with running([*LEAKER, "serve", "--port", str(port)], url + "/", log, env):
-        yield url
-
-
 # --- pprof's web UI ---
 
 
@@ -236,50 +219,16 @@ def relative_paths(profile: bytes) -> bytes:
 
     Only the top-level string_table fields change; every other field is copied as it was."""
     prefix = f"{ROOT}{os.sep}".encode()
-    out = bytearray()
-    position = 0
-    while position < len(profile):
-        start = position
-        key, position = varint(profile, position)
-        wire_type = key & 7
-        if wire_type == 0:
-            _, position = varint(profile, position)
-        elif wire_type == 2:
-            length, body = varint(profile, position)
-            position = body + length
-            if key >> 3 == STRING_TABLE and profile.startswith(prefix, body, position):
-                text = profile[body + len(prefix) : position]
-                out += (
-                    profile[start : body - len(encode_varint(length))]
-                    + encode_varint(len(text))
-                    + text
-                )
-                continue
+    out = ProtoWriter()
+    for number, value in read_fields(profile):
+        if isinstance(value, int):
+            out.key(number, VARINT)
+            out.varint(value)
         else:
-            raise ValueError(f"unexpected protobuf wire type {wire_type} in a profile")
-        out += profile[start:position]
-    return bytes(out)
-
-
-def varint(data: bytes, position: int) -> tuple[int, int]:
-    """The varint at `position`, and the position after it."""
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
-
-
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+            if number == STRING_TABLE:
+                value = value.removeprefix(prefix)
+            out.bytes(number, value)
+    return bytes(out.data)
 
 
 # --- The browser ---
@@ -316,62 +265,6 @@ def screenshot(url: str, png: Path, size: tuple[int, int]) -> None:
         raise ScreenshotError(f"{png.name} ({url}) looks blank: {blank}")
 
 
-# --- Processes ---
-
-
-@contextmanager
-def running(
-    command: Sequence[str], ready_url: str, log_path: Path, env: Mapping[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`command` started, and ready once `ready_url` answers 200; stopped (its process group)
-    afterwards. Its output goes to `log_path`, shown if it does not start."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=dict(env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its children (uvicorn's, pprof's dot) stop with it
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while not answers(ready_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log_text = log_path.read_text(errors="replace")
-                raise ScreenshotError(f"`{' '.join(command)}` did not start:\n{log_text}")
-            time.sleep(0.1)
-        yield process
-    finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to its process group; SIGKILL after 10 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
-
-
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=STARTUP_TIMEOUT_SECONDS) as answer:
         return answer.read()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import re
 import time
 import tracemalloc
@@ -46,9 +47,9 @@ def test_the_footers_rss_is_the_services_not_the_forked_childs(tmp_path: Path) -
     path.write_bytes(b"\x01" * MAPPED_BYTES)
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
         assert sum(mapped[i] for i in range(0, MAPPED_BYTES, mmap.PAGESIZE)) > 0  # touch them
-        before = heap.resident_bytes(heap.service_pid(in_child=False))
+        before = heap.resident_bytes(os.getpid())
         answer = get(PprofApp(), "/heap?debug=1")
-        after = heap.resident_bytes(heap.service_pid(in_child=False))
+        after = heap.resident_bytes(os.getpid())
     assert answer.status_code == 200, answer.text
     found = re.search(r"^# RSS = (\d+)$", answer.text, re.MULTILINE)
     assert found is not None, answer.text[-500:]

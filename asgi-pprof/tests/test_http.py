@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import PprofApp, start_tracing
+from asgi_pprof.heap import HeapProfile
 
 from pprof_decode import decode, invariant_violations, samples
 
@@ -104,7 +105,7 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     finished: list[float] = []
     real_window_start = PprofApp._window_start
 
-    async def window_start(self: PprofApp, traced_before: bool) -> bytes:
+    async def window_start(self: PprofApp, traced_before: bool) -> HeapProfile:
         start = await real_window_start(self, traced_before)
         finished.append(time.monotonic())
         return start

@@ -181,7 +181,7 @@ class PprofApp:
             with heap.tracing_window(self.frames) as traced_before:
                 start = await self._window_start(traced_before)
                 # The window runs from the start's capture: the seconds its build took count.
-                taken_ns = time.time_ns() - heap.HeapProfile.from_bytes(start).time_ns
+                taken_ns = time.time_ns() - start.time_ns
                 await asyncio.sleep(max(0.0, seconds - taken_ns / 1e9))
                 if collect_first:
                     gc.collect()
@@ -216,11 +216,11 @@ class PprofApp:
         growth = await asyncio.to_thread(sampled_profile.build, end, name, start)
         return asgi.profile(f"{name}-delta", growth)
 
-    async def _window_start(self, traced_before: bool) -> bytes:
+    async def _window_start(self, traced_before: bool) -> heap.HeapProfile:
         """What is in use as a heap window opens; nothing yet if the window just started tracing."""
         if not traced_before:
-            return heap.HeapProfile({}, self.frames).to_bytes()
-        return await self._builds.alone(_heap_snapshot)
+            return heap.HeapProfile({}, self.frames)
+        return heap.HeapProfile.from_bytes(await self._builds.alone(_heap_snapshot))
 
     async def goroutine(self, request: Request) -> Answer:
         """Every thread and pending asyncio task by stack; `seconds=N` for the growth."""
@@ -370,7 +370,7 @@ def _address(word: bytes) -> int:
 
 
 def _heap_snapshot(in_child: bool) -> bytes:
-    return heap.capture(stop_tracing=in_child, service_pid=heap.service_pid(in_child)).to_bytes()
+    return heap.capture(in_child).to_bytes()
 
 
 _INDEX_PAGE = """<html>

@@ -76,29 +76,29 @@ def _is_own(stack: Stack) -> bool:
     )
 
 
-def capture(stop_tracing: bool = False, service_pid: int | None = None) -> HeapProfile:
+def capture(in_child: bool = False) -> HeapProfile:
     """What is in use now, grouped by allocating stack. Empty when tracemalloc is not tracing.
 
-    `stop_tracing` is for a forked child (see `forked`): once the traces are read, the child stops
+    `in_child` is for a forked child (see `forked`): once the traces are read, the child stops
     its own copy of tracemalloc, so that everything after runs untraced, at full speed. Without it
     the loop below must allocate almost nothing per block: each allocation would itself be traced.
-    `service_pid` is the process whose resident memory the footer reports: in a child, the parent's.
+    In a child, the footer's resident memory is the parent's: the service's.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a full collection in the middle would scan the million tuples we just made
     try:
-        statistics = _memory_statistics(os.getpid() if service_pid is None else service_pid)
+        statistics = _memory_statistics(os.getppid() if in_child else os.getpid())
         frames = tracemalloc.get_traceback_limit()
         # The profile's time is when its traces were read, not when the walk below ends: a
         # window's length must not include the seconds that walking a large heap takes.
         time_ns = time.time_ns()
         traces = tracemalloc._get_traces()  # what take_snapshot() uses, without the Snapshot
-        if stop_tracing:
+        if in_child:
             tracemalloc.stop()
         # Blocks with the same stack share one stack tuple. Untraced, its id() is the cheapest key;
         # traced, id() would allocate an int per block, so the tuple itself is the key (hashing it
         # reads every frame, but allocates nothing).
-        key_of: Callable[[Stack], object] = id if stop_tracing else _itself
+        key_of: Callable[[Stack], object] = id if in_child else _itself
         sizes_by_key: dict[object, list[int]] = {}
         stack_by_key: dict[object, Stack] = {}
         for _domain, size, stack, _depth in traces:
@@ -122,18 +122,13 @@ def capture(stop_tracing: bool = False, service_pid: int | None = None) -> HeapP
     return HeapProfile(stacks, frames, time_ns, statistics=statistics)
 
 
-def service_pid(in_child: bool) -> int:
-    """The service's process: a forked child's parent, or this process when built in-process."""
-    return os.getppid() if in_child else os.getpid()
-
-
-def build(in_child: bool, debug: int, start: bytes | None = None) -> bytes:
-    """Capture, subtract the window's `start` (`HeapProfile.to_bytes`), and encode: the work
+def build(in_child: bool, debug: int, start: HeapProfile | None = None) -> bytes:
+    """Capture, subtract the window's `start`, and encode: the work
     that `forked.run` does in a child. Returns what `open_answer` unpacks in the parent."""
     named_before = len(addressed_frames())
-    profile = capture(stop_tracing=in_child, service_pid=service_pid(in_child))
+    profile = capture(in_child)
     if start is not None:
-        profile = profile.minus(HeapProfile.from_bytes(start))
+        profile = profile.minus(start)
     payload = render_text(profile).encode() if debug > 0 else encode(profile)
     return marshal.dumps((payload, addressed_frames()[named_before:]))
 

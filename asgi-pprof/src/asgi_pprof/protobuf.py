@@ -1,4 +1,5 @@
-"""A minimal protocol buffer writer: just what profile.proto needs, no dependencies.
+"""A minimal protocol buffer writer, and the two reading primitives `reader` needs: just what
+profile.proto needs, no dependencies.
 
 Like Go's runtime/pprof/protobuf.go, fields are appended to one growing buffer. Profiles are built
 while tracemalloc traces every allocation, and a traced allocation costs many times an untraced
@@ -8,7 +9,7 @@ message's length is computed before its fields are written rather than by encodi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 VARINT = 0
 LENGTH_DELIMITED = 2
@@ -72,3 +73,34 @@ class ProtoWriter:
 
     def message(self, field: int, message: ProtoWriter) -> None:
         self.bytes(field, message.data)
+
+
+def read_varint(data: bytes, position: int) -> tuple[int, int]:
+    """The varint at `position`, and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def read_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field of a message: varints as int, the rest as bytes."""
+    position = 0
+    while position < len(data):
+        key, position = read_varint(data, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, position = read_varint(data, position)
+            yield number, value
+        elif wire_type == 2:
+            length, position = read_varint(data, position)
+            yield number, data[position : position + length]
+            position += length
+        elif wire_type in (1, 5):  # fixed64, fixed32: profile.proto has none, skip them
+            position += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")

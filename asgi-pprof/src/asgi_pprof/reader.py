@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import gzip
 import linecache
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePath
+
+from asgi_pprof.protobuf import read_fields, read_varint
 
 Frame = tuple[str, str, int]  # (function, file, line)
 
@@ -68,36 +69,6 @@ class Profile:
         return sum(sample.values[index] for sample in self.samples)
 
 
-def _varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of each field of a message: varints as int, the rest as bytes."""
-    position = 0
-    while position < len(data):
-        key, position = _varint(data, position)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, position = _varint(data, position)
-            yield number, value
-        elif wire_type == 2:
-            length, position = _varint(data, position)
-            yield number, data[position : position + length]
-            position += length
-        elif wire_type in (1, 5):  # fixed64, fixed32: profile.proto has none, skip them
-            position += 8 if wire_type == 1 else 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-
-
 def _signed(number: int) -> int:
     return number - (1 << 64) if number >= 1 << 63 else number
 
@@ -108,14 +79,14 @@ def _integers(value: int | bytes) -> list[int]:
         return [_signed(value)]
     numbers, position = [], 0
     while position < len(value):
-        number, position = _varint(value, position)
+        number, position = read_varint(value, position)
         numbers.append(_signed(number))
     return numbers
 
 
 def _scalars(data: bytes) -> dict[int, int]:
     """The integer fields of a message without repeated ones (ValueType, Line, Function, Label)."""
-    return {number: value for number, value in _fields(data) if isinstance(value, int)}
+    return {number: value for number, value in read_fields(data) if isinstance(value, int)}
 
 
 @dataclass
@@ -137,7 +108,7 @@ def read_profile(data: bytes) -> Profile:
     scalars: dict[int, int] = {}
     period_type: dict[int, int] = {}
     comments: list[int] = []
-    for number, value in _fields(data):
+    for number, value in read_fields(data):
         if isinstance(value, int):
             scalars[number] = value
         elif number == _PROFILE_SAMPLE_TYPE:
@@ -146,7 +117,7 @@ def read_profile(data: bytes) -> Profile:
             raw_samples.append(_read_sample(value))
         elif number == _PROFILE_LOCATION:
             location_id, lines = 0, []
-            for sub_number, sub_value in _fields(value):
+            for sub_number, sub_value in read_fields(value):
                 if sub_number == _LOCATION_ID and isinstance(sub_value, int):
                     location_id = sub_value
                 elif sub_number == _LOCATION_LINE and isinstance(sub_value, bytes):
@@ -203,7 +174,7 @@ def read_profile(data: bytes) -> Profile:
 
 def _read_sample(data: bytes) -> _RawSample:
     raw = _RawSample()
-    for number, value in _fields(data):
+    for number, value in read_fields(data):
         if number == _SAMPLE_LOCATION_ID:
             raw.location_ids += _integers(value)
         elif number == _SAMPLE_VALUE:
