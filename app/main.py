@@ -89,7 +89,9 @@ def _start_sampling(settings: Settings) -> None:
     if asgi_pprof.sampling.is_running():
         return  # one sampler per process, as one Go runtime
     try:
-        asgi_pprof.start_sampling(rate=settings.mem_profile_rate)
+        asgi_pprof.start_sampling(
+            rate=settings.mem_profile_rate, max_bytes=settings.mem_profile_max_bytes
+        )
     except asgi_pprof.SamplingUnavailable as error:
         # Asked for by name: serving without it would be serving a different profiler unsaid.
         raise SettingsError(

@@ -41,6 +41,7 @@ class Settings:
     tracemalloc_frames: int = 8  # the leak's deepest stack reaches app/main.py in 6 frames
     heap_profiler: str = "tracemalloc"
     mem_profile_rate: int = 524288  # Go's runtime.MemProfileRate: one sample per 512 KiB
+    mem_profile_max_bytes: int = 4 << 20  # the sampler's own memory, tables and all
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -63,6 +64,9 @@ class Settings:
             ),
             mem_profile_rate=_integer(
                 environ, "PPROF_MEM_PROFILE_RATE", cls.mem_profile_rate, 1, 1 << 40
+            ),
+            mem_profile_max_bytes=_integer(
+                environ, "PPROF_MEM_PROFILE_MAX_BYTES", cls.mem_profile_max_bytes, 1 << 18, 1 << 34
             ),
         )
 
@@ -107,6 +111,8 @@ ENVIRONMENT_VARIABLES = {
     f"Go's sampling, nearly free (default: {Settings.heap_profiler})",
     "PPROF_MEM_PROFILE_RATE": "sampling: one sample per this many bytes allocated, 1 to 2**40 "
     f"(default: {Settings.mem_profile_rate})",
+    "PPROF_MEM_PROFILE_MAX_BYTES": "sampling: the bound on the sampler's own memory, 262144 to "
+    f"2**34 bytes (default: {Settings.mem_profile_max_bytes})",
 }
 
 

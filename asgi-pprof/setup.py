@@ -17,6 +17,7 @@ if platform.python_implementation() == "CPython" and os.name == "posix":
         Extension(
             "asgi_pprof._memprof",
             sources=["src/asgi_pprof/_memprof.c"],
+            depends=["src/asgi_pprof/_memprof_python.h"],
             extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror"],
             libraries=["m"],
             optional=True,

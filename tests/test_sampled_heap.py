@@ -176,6 +176,10 @@ def test_the_heap_profiler_settings_are_validated() -> None:
     for bad in ("0", "fast", "-1", str((1 << 40) + 1)):
         with pytest.raises(SettingsError, match="PPROF_MEM_PROFILE_RATE"):
             Settings.from_environ({"PPROF_MEM_PROFILE_RATE": bad})
+    assert Settings.from_environ({}).mem_profile_max_bytes == 4 << 20
+    for bad in ("1000", "4M", str((1 << 34) + 1)):
+        with pytest.raises(SettingsError, match="PPROF_MEM_PROFILE_MAX_BYTES.*262144 to"):
+            Settings.from_environ({"PPROF_MEM_PROFILE_MAX_BYTES": bad})
 
 
 def test_a_sampler_that_cannot_start_stops_the_service_with_the_reason(
@@ -184,7 +188,7 @@ def test_a_sampler_that_cannot_start_stops_the_service_with_the_reason(
     """The Docker image once shipped without the C extension and served on, unsampled, with a
     log line nobody read: asked for by name, the sampler runs or the service does not start."""
 
-    def unavailable(rate: int | None = None) -> None:
+    def unavailable(rate: int | None = None, max_bytes: int | None = None) -> None:
         raise asgi_pprof.SamplingUnavailable("the C extension asgi_pprof._memprof is not installed")
 
     monkeypatch.setattr(asgi_pprof.sampling, "is_running", lambda: False)

@@ -18,15 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-from asgi_pprof import PprofApp, sampled_profile, sampling, symbolize
-from asgi_pprof.sampling import SampledHeap, scale_heap_sample
-from asgi_pprof.symbolize import function_of
+from asgi_pprof import PprofApp, sampled_profile, sampled_stacks, sampling
+from asgi_pprof.sampling import Record, SampledHeap, scale_heap_sample
 
 from go_pprof import run_pprof
 from pprof_decode import decode, invariant_violations, samples
+from sampler_helpers import allocate, require_sampler
 
-if not sampling.available():
-    pytest.skip(sampling.unavailable_reason(), allow_module_level=True)  # test_sampling fails
+require_sampler()
 
 RATE = 4096
 SIZE = 3000  # bytearray(SIZE) keeps SIZE + 1 bytes in a block of its own
@@ -40,8 +39,8 @@ def sampler_stopped() -> Iterator[None]:
     sampling.stop()
 
 
-def allocate_kept(count: int) -> list[bytearray]:
-    return [bytearray(SIZE) for _ in range(count)]
+def allocate_kept(count: int) -> list[bytearray | None]:
+    return allocate(count, SIZE)
 
 
 def churn(count: int) -> None:
@@ -57,7 +56,7 @@ def sampled_heap() -> SampledHeap:
     return sampling.capture()
 
 
-kept: list[bytearray] = []
+kept: list[bytearray | None] = []
 
 
 def get(url: str) -> httpx.Response:
@@ -69,10 +68,11 @@ def get(url: str) -> httpx.Response:
     return asyncio.run(send())
 
 
-def values_at(profile: Any, leaf: str) -> dict[str, int]:
+def values_at(profile: Any, leaf: str, caller: str = "") -> dict[str, int]:
     totals: dict[str, int] = {}
     for sample in samples(profile):
-        if sample.frames and sample.frames[0].function.endswith(leaf):
+        functions = [frame.function for frame in sample.frames]
+        if functions and functions[0].endswith(leaf) and (not caller or caller in functions):
             for name, value in sample.values.items():
                 totals[name] = totals.get(name, 0) + value
     return totals
@@ -102,9 +102,9 @@ def test_profiles_have_gos_sample_types_period_and_bytes_label(name: str) -> Non
     # Each record's values are its sampled counts, unsampled as Go's scaleHeapSample does.
     block = SIZE + 1
     record = next(
-        r for r in heap.records if r.size == block and function_of(*r.stack[0])[0].endswith("kept")
+        r for r in heap.records if r.size == block and r.stack[1].name.endswith("allocate_kept")
     )
-    kept_values = values_at(profile, "test_sampled_profiles.allocate_kept")
+    kept_values = values_at(profile, "allocate", "test_sampled_profiles.allocate_kept")
     assert [kept_values["alloc_objects"], kept_values["alloc_space"]] >= list(
         scale_heap_sample(record.allocs, record.allocs * block, RATE)
     )
@@ -207,8 +207,9 @@ def test_the_growth_is_the_profile_at_the_end_minus_the_one_at_the_start() -> No
         assert any(values)
     assert growth.duration_ns == after.time_ns - before.time_ns > 0
     grown = [
-        values for (stack, size), values in growth.values.items()
-        if size == SIZE + 1 and function_of(*stack[0])[0].endswith("allocate_kept")
+        values for key, values in growth.values.items()
+        if growth.records[key].size == SIZE + 1
+        and growth.records[key].stack[1].name.endswith("allocate_kept")
     ]  # fmt: skip
     assert grown and grown[0][3] > 0
 
@@ -226,7 +227,9 @@ def test_endpoints_answer_from_the_sampler_at_once() -> None:
         profile = decode(answer.content)
         assert profile.period == RATE
         assert f'filename="{name}"' in answer.headers["content-disposition"]
-        assert values_at(profile, "test_sampled_profiles.allocate_kept")["inuse_space"] > 0
+        assert (
+            values_at(profile, "allocate", "test_sampled_profiles.allocate_kept")["inuse_space"] > 0
+        )
         text = get(f"/{name}?debug=1&gc=1")
         assert LEGACY_HEADER.match(text.text)
     assert time.monotonic() - started < 10  # no window, no fork: at once
@@ -251,7 +254,7 @@ def test_a_window_answers_the_growth_while_it_lasts() -> None:
     assert 'filename="heap-delta"' in answer.headers["content-disposition"]
     profile = decode(answer.content)
     assert profile.duration_nanos >= 1e9
-    assert values_at(profile, "test_sampled_profiles.allocate_kept")["inuse_space"] > 0
+    assert values_at(profile, "allocate", "test_sampled_profiles.allocate_kept")["inuse_space"] > 0
 
 
 def test_without_the_sampler_allocs_is_unknown_and_heap_is_tracemalloc() -> None:
@@ -278,36 +281,31 @@ def test_where_the_extension_is_missing_start_says_why_and_tracemalloc_stays(
     assert get("/allocs").status_code == 404
 
 
-def comprehension_in_a_function() -> list[bytearray]:
-    return [bytearray(5555) for _ in range(10)]
-
-
-class Holder:
-    def method(self) -> bytearray:
-        return bytearray(5555)
-
-
-def test_frames_are_named_as_the_tracemalloc_profile_names_them() -> None:
-    sampling.start(rate=1)
-    keep = [comprehension_in_a_function(), Holder().method()]
-    leaves = {r.stack[0] for r in sampling.capture().records if r.size == 5556}
-    names = {function_of(*leaf)[0] for leaf in leaves}
-    # The names from code objects are those that reading the file gives tracemalloc's frames.
-    assert names == {symbolize._SourceFile(f).function_at(line)[0] for f, line in leaves}
-    assert names == {
-        "test_sampled_profiles.comprehension_in_a_function",  # not <listcomp>
-        "test_sampled_profiles.Holder.method",
-    }
-    del keep
-
-
-def test_a_record_without_python_frames_encodes_as_a_sample_without_locations() -> None:
-    """An allocation made where no Python frame runs (a thread starting) has an empty stack."""
-    heap = SampledHeap([sampling.Record((), 64, 3, 1)], RATE, 64)
+def test_a_record_without_python_frames_is_shown_under_a_frame_that_says_so() -> None:
+    """An allocation made where no Python frame runs (a thread starting, a C library's thread
+    without the GIL) is not dropped: it is one frame that names what it stands for."""
+    stack = sampled_stacks.pseudo_stack(sampled_stacks.NO_GIL)
+    record = Record(stack, 3, sampling.size_class(64), 0, 0, 3, 1, 192, 64)
+    heap = SampledHeap([record], RATE, 64)
     profile = decode(sampled_profile.build(heap, "heap"))
     assert invariant_violations(profile) == []
-    assert [list(sample.location_id) for sample in profile.sample] == [[]]
+    (sample,) = samples(profile)
+    assert [frame.function for frame in sample.frames] == ["asgi_pprof.sampler.without_the_gil"]
     assert list(profile.sample[0].value) == [
         *scale_heap_sample(3, 192, RATE),
         *scale_heap_sample(2, 128, RATE),
     ]
+
+
+def test_a_profile_holds_only_the_locations_its_samples_use() -> None:
+    """Locations and functions are written for the samples of this profile, none left over from
+    stacks seen before (a profile's size follows its samples, not the sampler's history)."""
+    heap = sampled_heap()
+    profile = decode(sampled_profile.build(heap, "heap"))
+    used = {location_id for sample in profile.sample for location_id in sample.location_id}
+    assert {location.id for location in profile.location} == used
+    used_functions = {line.function_id for location in profile.location for line in location.line}
+    assert {function.id for function in profile.function} == used_functions
+    one = SampledHeap([heap.records[0]], heap.rate, heap.frames, heap.stats)
+    small = decode(sampled_profile.build(one, "heap"))
+    assert len(small.location) == len({location.id for location in heap.records[0].stack})

@@ -38,7 +38,9 @@ The endpoints, as in Go:
 
 Query parameters, as in Go:
     debug=N    0 (default): gzipped profile.proto; 1: legacy text. Not a number counts as 0.
-    gc=N       N > 0: run a full garbage collection first (heap).
+    gc=N       N > 0: run a full garbage collection first (heap): one at a time for all requests,
+               and none for four times the last one's length after it (at least a second), so
+               that clients asking in a loop cannot keep the service collecting.
     seconds=N  heap, goroutine: the growth over N seconds (at the end minus at the start);
                profile: how long to sample. Anything but a whole number of seconds from 1 to 300
                is a 400 (where Go's profile would quietly take 30 s).
@@ -64,7 +66,6 @@ networks, or set PPROF_ENABLED=false.
 from __future__ import annotations
 
 import asyncio
-import gc
 import html
 import os
 import sys
@@ -139,7 +140,9 @@ class PprofApp:
             except asgi.BodyTooSlow:
                 return asgi.error(408, f"Request body not received in {BODY_TIMEOUT_SECONDS:g} s")
         raw_query = scope.get("query_string", b"").decode("latin-1")
-        request = Request(scope["method"], asgi.first_values(parse_qsl(raw_query)), raw_query, body)
+        # Kept blank: `seconds=` is a bad value (400), not an absent one.
+        pairs = parse_qsl(raw_query, keep_blank_values=True)
+        request = Request(scope["method"], asgi.first_values(pairs), raw_query, body)
         try:
             return await asgi.unless_disconnected(self.handlers[name](request), receive)
         except BadRequest as bad:
@@ -173,7 +176,7 @@ class PprofApp:
         debug = int_or_zero(query.get("debug", ""))
         if seconds is None:
             if collect_first:
-                gc.collect()
+                builds.collect_garbage()
             # Requests that arrive while the same profile is being built share its answer.
             work = partial(heap.build, debug=debug)
             built = await self._builds.shared((debug, collect_first), work)
@@ -184,7 +187,7 @@ class PprofApp:
                 taken_ns = time.time_ns() - start.time_ns
                 await asyncio.sleep(max(0.0, seconds - taken_ns / 1e9))
                 if collect_first:
-                    gc.collect()
+                    builds.collect_garbage()
                 built = await self._builds.alone(partial(heap.build, debug=debug, start=start))
         payload = heap.open_answer(built)
         return asgi.text(payload) if debug > 0 else asgi.profile("heap", payload)
@@ -203,7 +206,7 @@ class PprofApp:
             raise BadRequest("seconds and debug params are incompatible")
         collect_first = int_or_zero(request.query.get("gc", "")) > 0
         if collect_first:
-            gc.collect()
+            builds.collect_garbage()
         start = await asyncio.to_thread(sampling.capture)
         if seconds is None:
             if debug > 0:
@@ -211,7 +214,7 @@ class PprofApp:
             return asgi.profile(name, await asyncio.to_thread(sampled_profile.build, start, name))
         await asyncio.sleep(seconds)
         if collect_first:
-            gc.collect()
+            builds.collect_garbage()
         end = await asyncio.to_thread(sampling.capture)
         growth = await asyncio.to_thread(sampled_profile.build, end, name, start)
         return asgi.profile(f"{name}-delta", growth)
@@ -272,9 +275,9 @@ class PprofApp:
         slice_ends = time.perf_counter() + SLICE_SECONDS
         for word in _split(words, b"+"):
             address = _address(word)
-            frame = frame_at(address) if address else None
-            if frame is not None:
-                lines.append(f"{address:#x} {function_of(*frame)[0]}")
+            name = _name_at(address) if address else None
+            if name is not None:
+                lines.append(f"{address:#x} {name}")
             if time.perf_counter() > slice_ends:
                 await asyncio.sleep(0)
                 slice_ends = time.perf_counter() + SLICE_SECONDS
@@ -348,6 +351,15 @@ def _redirect_to(path: str, scope: Scope) -> Answer:
     query = scope.get("query_string", b"").decode("latin-1")
     location = path + (f"?{query}" if query else "")
     return Answer(301, b"", "text/plain; charset=utf-8", [("location", location)])
+
+
+def _name_at(address: int) -> str | None:
+    """The function at a fake address of a legacy text: the sampler's, or a traced frame's."""
+    location = sampling.location_at(address)
+    if location is not None:
+        return location.name
+    frame = frame_at(address)
+    return function_of(*frame)[0] if frame is not None else None
 
 
 def _split(data: bytes, separator: bytes) -> Iterator[bytes]:

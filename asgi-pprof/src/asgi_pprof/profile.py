@@ -9,8 +9,7 @@ numbers are all present, so pprof never tries to symbolize addresses of its own.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Mapping, Sequence
-from itertools import islice
+from collections.abc import Iterable, Mapping, Sequence
 
 from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
 from asgi_pprof.symbolize import Frame, address_of, function_of
@@ -33,28 +32,6 @@ _FUNCTION_FILENAME, _FUNCTION_START_LINE = 4, 5
 _MAPPING_ID_PYTHON = 1
 
 
-class SharedTables:
-    """The strings, functions and locations of profiles that follow one another, encoded once.
-
-    The sampling heap profiler's stacks come back in every profile it answers: with one of these
-    kept between builds, each frame is named, numbered and encoded the first time only, and each
-    stack's location ids joined once. Every profile then carries all the locations seen so far
-    (profile.proto allows locations that no sample uses). Builds that share tables must not run at
-    the same time.
-    """
-
-    def __init__(self) -> None:
-        self.strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
-        self.encoded_strings = ProtoWriter()
-        self.strings_encoded = 0
-        self.functions = ProtoWriter()
-        self.function_ids: dict[tuple[str, str], int] = {}
-        self.locations = ProtoWriter()
-        self.location_ids: dict[Frame, int] = {}
-        self.encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
-        self.encoded_stacks: dict[tuple[Frame, ...], bytes] = {}
-
-
 class ProfileBuilder:
     """Collects samples and writes one profile.proto message."""
 
@@ -68,16 +45,13 @@ class ProfileBuilder:
         duration_nanos: int = 0,
         comments: Sequence[str] = (),
         mapping_file: str = "python",
-        tables: SharedTables | None = None,
     ) -> None:
-        self._shared = tables is not None
-        self._tables = tables = tables or SharedTables()
-        self._strings = tables.strings
-        self._functions = tables.functions
-        self._function_ids = tables.function_ids
-        self._locations = tables.locations
-        self._location_ids = tables.location_ids
-        self._encoded_ids = tables.encoded_ids
+        self._strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
+        self._functions = ProtoWriter()
+        self._function_ids: dict[tuple[str, str], int] = {}
+        self._locations = ProtoWriter()
+        self._location_ids: dict[Frame, int] = {}
+        self._encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
         self._samples = ProtoWriter()
         self._header = ProtoWriter()
         for type_, unit in sample_types:
@@ -114,14 +88,22 @@ class ProfileBuilder:
         function_id = self._function_ids.get(key)
         if function_id is None:
             function_id = self._function_ids[key] = len(self._function_ids) + 1
-            function = ProtoWriter()
-            function.integer(_FUNCTION_ID, function_id)
-            function.integer(_FUNCTION_NAME, self._string(name))
-            function.integer(_FUNCTION_SYSTEM_NAME, self._string(name))
-            function.integer(_FUNCTION_FILENAME, self._string(filename))
-            function.integer(_FUNCTION_START_LINE, start_line)
-            self._functions.message(_PROFILE_FUNCTION, function)
+            self.add_function(function_id, name, filename, start_line)
         return function_id
+
+    def add_function(self, function_id: int, name: str, filename: str, start_line: int) -> None:
+        """A Function with an id of the caller's (the sampler's tables number them)."""
+        function = ProtoWriter()
+        function.integer(_FUNCTION_ID, function_id)
+        function.integer(_FUNCTION_NAME, self._string(name))
+        function.integer(_FUNCTION_SYSTEM_NAME, self._string(name))
+        function.integer(_FUNCTION_FILENAME, self._string(filename))
+        function.integer(_FUNCTION_START_LINE, start_line)
+        self._functions.message(_PROFILE_FUNCTION, function)
+
+    def add_encoded_location(self, location: bytes) -> None:
+        """A Location message encoded by `encode_location`, with ids of the caller's."""
+        self._locations.bytes(_PROFILE_LOCATION, location)
 
     def location_id(self, frame: Frame) -> int:
         location_id = self._location_ids.get(frame)
@@ -129,15 +111,9 @@ class ProfileBuilder:
             location_id = self._location_ids[frame] = len(self._location_ids) + 1
             filename, lineno = frame
             name, start_line = function_of(filename, lineno)
-            line = ProtoWriter()
-            line.integer(_LINE_FUNCTION_ID, self._function_id(name, filename, start_line))
-            line.integer(_LINE_LINE, lineno)
-            location = ProtoWriter()
-            location.integer(_LOCATION_ID, location_id)
-            location.integer(_LOCATION_MAPPING_ID, _MAPPING_ID_PYTHON)
-            location.integer(_LOCATION_ADDRESS, address_of(frame))
-            location.message(_LOCATION_LINE, line)
-            self._locations.message(_PROFILE_LOCATION, location)
+            function_id = self._function_id(name, filename, start_line)
+            location = encode_location(location_id, function_id, lineno, address_of(frame))
+            self.add_encoded_location(location)
         return location_id
 
     def _encoded_id(self, frame: Frame) -> bytes:
@@ -158,15 +134,20 @@ class ProfileBuilder:
         `labels` tag the sample (e.g. `thread`), `num_labels` with numbers (e.g. Go's `bytes`,
         the block size of a heap sample), for pprof's `-tags` and `-tagfocus`.
         """
-        # A stack's ids are joined from each location's encoded id: deep stacks (the sampling
-        # profiler keeps 64 frames) would otherwise cost a Python varint loop per frame.
+        # A stack's ids are joined from each location's encoded id: deep stacks would otherwise
+        # cost a Python varint loop per frame.
         encoded = self._encoded_ids
-        key = tuple(stack) if self._shared else None  # a tuple stays itself: no copy
-        location_ids = self._tables.encoded_stacks.get(key) if key is not None else None
-        if location_ids is None:
-            location_ids = b"".join([encoded.get(f) or self._encoded_id(f) for f in stack])
-            if key is not None:
-                self._tables.encoded_stacks[key] = location_ids
+        location_ids = b"".join([encoded.get(f) or self._encoded_id(f) for f in stack])
+        self.add_sample_ids(location_ids, values, labels, num_labels)
+
+    def add_sample_ids(
+        self,
+        location_ids: bytes,
+        values: Sequence[int],
+        labels: Mapping[str, str] = {},
+        num_labels: Mapping[str, int] = {},
+    ) -> None:
+        """Add one sample whose location ids, leaf first, are already encoded as varints."""
         ids_size, values_size = len(location_ids), packed_size(values)
         size = 0  # a packed field with nothing in it is not written, nor counted
         if location_ids:
@@ -198,11 +179,9 @@ class ProfileBuilder:
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
-        tables = self._tables
-        strings = tables.encoded_strings
-        for value in islice(self._strings, tables.strings_encoded, None):  # the index order
+        strings = ProtoWriter()
+        for value in self._strings:  # insertion order: the indexes
             strings.string(_PROFILE_STRING_TABLE, value)
-        tables.strings_encoded = len(self._strings)
         body = b"".join(
             (
                 self._header.data,
@@ -214,6 +193,27 @@ class ProfileBuilder:
             )
         )
         return gzip.compress(body, compresslevel=1)
+
+
+def encode_location(location_id: int, function_id: int, line: int, address: int) -> bytes:
+    """A Location message with one Line: the same bytes in every profile, so callers keep it."""
+    line_message = ProtoWriter()
+    line_message.integer(_LINE_FUNCTION_ID, function_id)
+    line_message.integer(_LINE_LINE, line)
+    location = ProtoWriter()
+    location.integer(_LOCATION_ID, location_id)
+    location.integer(_LOCATION_MAPPING_ID, _MAPPING_ID_PYTHON)
+    location.integer(_LOCATION_ADDRESS, address)
+    location.message(_LOCATION_LINE, line_message)
+    return bytes(location.data)
+
+
+def encode_varints(values: Iterable[int]) -> bytes:
+    """Values as consecutive varints: a packed field's payload (a stack's location ids)."""
+    writer = ProtoWriter()
+    for value in values:
+        writer.varint(value)
+    return bytes(writer.data)
 
 
 def _label_size(key_index: int, value_index: int) -> int:

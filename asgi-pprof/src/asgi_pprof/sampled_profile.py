@@ -2,8 +2,9 @@
 
 - profile.proto (runtime/pprof's writeHeapProto): sample types alloc_objects/count,
   alloc_space/bytes, inuse_objects/count, inuse_space/bytes; period type space/bytes, period the
-  sampling rate; each record's counts unsampled by `scale_heap_sample`, and a numeric label
-  `bytes` with its block size. `heap` defaults to inuse_space, `allocs` to alloc_space.
+  sampling rate; each record's counts unsampled by `scale_heap_sample` at its average block size,
+  and a numeric label `bytes` with that size. `heap` defaults to inuse_space, `allocs` to
+  alloc_space. A profile holds the locations and functions its samples use, no others.
 - The legacy text (`debug=1`, pprof.go's writeHeapInternal): the raw sampled counts, and a header
   `heap profile: N: B [AN: AB] @ heap/<2*rate>` that tells pprof to unsample them itself (the 2 is
   a convention kept from the C++ heap profiler), so both forms read as the same totals.
@@ -18,9 +19,17 @@ import os
 from dataclasses import dataclass, field
 
 from asgi_pprof import sampling
-from asgi_pprof.profile import ProfileBuilder, SharedTables
-from asgi_pprof.sampling import SampledHeap, Stack, scale_heap_sample
-from asgi_pprof.symbolize import legacy_record
+from asgi_pprof.profile import ProfileBuilder, encode_varints
+from asgi_pprof.sampled_stacks import (
+    FOLDED,
+    PSEUDO_FUNCTIONS,
+    TABLE_FULL,
+    Function,
+    Location,
+    pseudo_stack,
+)
+from asgi_pprof.sampling import Record, SampledHeap, scale_heap_sample
+from asgi_pprof.symbolize import legacy_lines
 
 SAMPLE_TYPES = [
     ("alloc_objects", "count"),
@@ -30,16 +39,16 @@ SAMPLE_TYPES = [
 ]
 DEFAULT_SAMPLE_TYPES = {"heap": "inuse_space", "allocs": "alloc_space"}
 
-Key = tuple[Stack, int]  # a stack and a block size
-_TABLES = SharedTables()  # used under sampling.own_work(): one build at a time
+Key = tuple[int, int, int, int]  # Record.key
 
 
 @dataclass
 class SampledProfile:
-    """Unsampled values by (stack, block size): [alloc_objects, alloc_space, inuse_objects,
-    inuse_space], as Go writes them into profile.proto."""
+    """Unsampled values by record: [alloc_objects, alloc_space, inuse_objects, inuse_space],
+    as Go writes them into profile.proto."""
 
     values: dict[Key, list[int]]
+    records: dict[Key, Record]  # each key's record: its stack, labels and block size
     rate: int
     frames: int
     time_ns: int
@@ -51,10 +60,13 @@ def unsampled(heap: SampledHeap) -> SampledProfile:
     """What the samples stand for, record by record, as Go's writeHeapProto scales them."""
     values = {}
     for record in heap.records:
-        allocated = scale_heap_sample(record.allocs, record.allocs * record.size, heap.rate)
-        inuse = scale_heap_sample(record.inuse, record.inuse * record.size, heap.rate)
-        values[record.stack, record.size] = [*allocated, *inuse]
-    return SampledProfile(values, heap.rate, heap.frames, heap.time_ns)
+        allocated = scale_heap_sample(record.allocs, record.alloc_bytes, heap.rate)
+        inuse = scale_heap_sample(record.inuse, record.inuse_bytes, heap.rate)
+        values[record.key] = [*allocated, *inuse]
+    records = {record.key: record for record in heap.records}
+    return SampledProfile(
+        values, records, heap.rate, heap.frames, heap.time_ns, comments=_notes(heap)
+    )
 
 
 def delta(end: SampledProfile, start: SampledProfile) -> SampledProfile:
@@ -65,9 +77,15 @@ def delta(end: SampledProfile, start: SampledProfile) -> SampledProfile:
         for index, value in enumerate(earlier):
             later[index] -= value
     growth = {key: v for key, v in values.items() if any(v)}
+    records = {key: end.records.get(key) or start.records[key] for key in growth}
     duration_ns = end.time_ns - start.time_ns
-    comments = ["growth: the profile at the end minus the one at the start (Duration above)"]
-    return SampledProfile(growth, end.rate, end.frames, start.time_ns, duration_ns, comments)
+    comments = [
+        *end.comments,
+        "growth: the profile at the end minus the one at the start (Duration above)",
+    ]
+    return SampledProfile(
+        growth, records, end.rate, end.frames, start.time_ns, duration_ns, comments
+    )
 
 
 def comments(rate: int, frames: int) -> list[str]:
@@ -78,9 +96,34 @@ def comments(rate: int, frames: int) -> list[str]:
     ]
 
 
+def _notes(heap: SampledHeap) -> list[str]:
+    """What the profile must say of records that are not what they seem."""
+    notes = []
+    folded = heap.stats.get("folded", 0)
+    if folded:
+        notes.append(
+            f"{folded} records with no live block were folded into "
+            f"{PSEUDO_FUNCTIONS[FOLDED]} to keep the sampler within "
+            f"{heap.stats.get('max_bytes')} bytes (PPROF_MEM_PROFILE_MAX_BYTES)"
+        )
+    if any(record.stack is pseudo_stack(TABLE_FULL) for record in heap.records):
+        notes.append(
+            f"the sampler's tables were full: samples of new stacks are counted under "
+            f"{PSEUDO_FUNCTIONS[TABLE_FULL]} (PPROF_MEM_PROFILE_MAX_BYTES raises the bound)"
+        )
+    dropped = heap.stats.get("dropped", 0)
+    if dropped:
+        notes.append(f"{dropped} sampled blocks could not be followed (no room): counted as freed")
+    return notes
+
+
+def labels_of(record: Record) -> dict[str, str]:
+    """The string labels of a record's samples (none yet: see labels)."""
+    return {}
+
+
 def encode(profile: SampledProfile, name: str) -> bytes:
-    """The gzipped profile.proto of `heap` or `allocs` (which differ in their default type).
-    Call it under `sampling.own_work()`, as `build` does: the tables are shared."""
+    """The gzipped profile.proto of `heap` or `allocs` (which differ in their default type)."""
     default = DEFAULT_SAMPLE_TYPES[name]
     builder = ProfileBuilder(
         sample_types=SAMPLE_TYPES,
@@ -91,22 +134,39 @@ def encode(profile: SampledProfile, name: str) -> bytes:
         duration_nanos=profile.duration_ns,
         comments=comments(profile.rate, profile.frames) + profile.comments,
         mapping_file="python" if not profile.duration_ns else "python (window growth)",
-        tables=_TABLES,  # every profile of the sampler repeats its stacks: encoded once
     )
+    tables = sampling.sampled_stacks()
     column = [type_ for type_, _ in SAMPLE_TYPES].index(default)
     ordered = sorted(profile.values.items(), key=lambda item: item[1][column], reverse=True)
-    for (stack, size), values in ordered:
-        builder.add_sample(stack, values, num_labels={"bytes": size})
+    used: dict[int, Location] = {}
+    encoded_stacks: dict[int, bytes] = {}
+    for key, values in ordered:
+        record = profile.records[key]
+        location_ids = encoded_stacks.get(record.stack_id)
+        if location_ids is None:
+            if tables.stacks.get(record.stack_id) is record.stack:
+                location_ids = tables.encoded_stack(record.stack_id)
+            else:  # gone from the sampler since it was captured
+                location_ids = encode_varints(location.id for location in record.stack)
+            encoded_stacks[record.stack_id] = location_ids
+            for location in record.stack:
+                used[location.id] = location
+        builder.add_sample_ids(location_ids, values, labels_of(record), {"bytes": record.size})
+    functions: dict[int, Function] = {}
+    for location in used.values():
+        builder.add_encoded_location(tables.encoded_location(location))
+        functions[location.function.id] = location.function
+    for function in functions.values():
+        builder.add_function(function.id, function.name, function.filename, function.start_line)
     return builder.encode()
 
 
 def build(heap: SampledHeap, name: str, start: SampledHeap | None = None) -> bytes:
     """The `heap` or `allocs` profile.proto of `heap`, or of its growth since `start`."""
-    with sampling.own_work():
-        profile = unsampled(heap)
-        if start is not None:
-            profile = delta(profile, unsampled(start))
-        return encode(profile, name)
+    profile = unsampled(heap)
+    if start is not None:
+        profile = delta(profile, unsampled(start))
+    return encode(profile, name)
 
 
 def index_entries(profiles: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -132,16 +192,11 @@ def index_entries(profiles: list[tuple[str, str, str]]) -> list[tuple[str, str, 
 
 def render_text(heap: SampledHeap) -> str:
     """Go's legacy text (`debug=1`) for `heap` and `allocs` alike: raw sampled counts."""
-    with sampling.own_work():
-        return _render_text(heap)
-
-
-def _render_text(heap: SampledHeap) -> str:
-    records = sorted(heap.records, key=lambda record: record.inuse * record.size, reverse=True)
+    records = sorted(heap.records, key=lambda record: record.inuse_bytes, reverse=True)
     inuse_objects = sum(record.inuse for record in records)
-    inuse_bytes = sum(record.inuse * record.size for record in records)
+    inuse_bytes = sum(record.inuse_bytes for record in records)
     alloc_objects = sum(record.allocs for record in records)
-    alloc_bytes = sum(record.allocs * record.size for record in records)
+    alloc_bytes = sum(record.alloc_bytes for record in records)
     if inuse_bytes == alloc_bytes:
         alloc_bytes += 1  # as Go does: pprof would read equal columns as a 2-column profile
     lines = [
@@ -149,33 +204,35 @@ def _render_text(heap: SampledHeap) -> str:
         f"@ heap/{2 * heap.rate}"
     ]
     for record in records:
-        head = (
-            f"{record.inuse}: {record.inuse * record.size} "
-            f"[{record.allocs}: {record.allocs * record.size}]"
-        )
-        lines += legacy_record(head, record.stack)
+        head = f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}]"
+        places = [(loc.address, loc.name, f"{loc.filename}:{loc.line}") for loc in record.stack]
+        lines += legacy_lines(head, places)
     lines += ["", *_memory_statistics(heap)]
     return "\n".join(lines) + "\n"
 
 
 def _memory_statistics(heap: SampledHeap) -> list[str]:
     """The footer: Python's counterpart of Go's `# runtime.MemStats`, numbers we measure."""
-    stats = sampling.stats()
+    stats = heap.stats
     lines = [
         "# python.MemStats",
         "# HeapProfiler = sampling",
         f"# MemProfileRate = {heap.rate}",
         f"# MaxFrames = {heap.frames}",
-        f"# Samples = {stats.get('samples', 0)}",
-        f"# Records = {stats.get('records', 0)}",
-        f"# LiveSampledBlocks = {stats.get('live_blocks', 0)}",
+    ]
+    for name in ("samples", "records", "stacks", "locations", "functions", "live_blocks"):
+        title = "LiveSampledBlocks" if name == "live_blocks" else name.capitalize()
+        lines.append(f"# {title} = {stats.get(name, 0)}")
+    lines += [
+        f"# FoldedRecords = {stats.get('folded', 0)}",
+        f"# DroppedBlocks = {stats.get('dropped', 0)}",
         f"# ProfilerOwnBytes = {stats.get('own_bytes', 0)}",
+        f"# ProfilerMaxBytes = {stats.get('max_bytes', 0)}",
     ]
     try:
         with open("/proc/self/statm") as statm:
             lines.append(f"# RSS = {int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')}")
     except (OSError, ValueError, IndexError):
         pass
-    gc_stats = gc.get_stats()
-    lines.append(f"# GCCollections = {[s['collections'] for s in gc_stats]}")
+    lines.append(f"# GCCollections = {[s['collections'] for s in gc.get_stats()]}")
     return lines

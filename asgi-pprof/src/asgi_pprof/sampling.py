@@ -1,15 +1,17 @@
 """The sampling heap profiler: Go's runtime.MemProfile for Python, always on and nearly free.
 
-The C extension `_memprof` hooks the PyMem and PyObject allocators and records one allocation
-every `rate` bytes on average (Go's runtime.MemProfileRate, default 512 KiB), with its stack, and
-follows the sampled blocks until they are freed. This module starts and stops it, reads its
-records (`capture`) and names their frames as the tracemalloc profile names them
-(`module.co_qualname`). `sampled_profile` writes them as Go writes `heap` and `allocs`.
+The C extension `_memprof` hooks Python's three allocator domains and records one allocation every
+`rate` bytes on average (Go's runtime.MemProfileRate, default 512 KiB), with its stack, and
+follows the sampled blocks until they are freed. Records are keyed by stack and block size class,
+as Go's buckets are, and everything the sampler holds is bounded (`max_bytes`). This module starts
+and stops it and reads its records (`capture`), named by `sampled_stacks`; `sampled_profile`
+writes them as Go writes `heap` and `allocs`.
 
-What it does not see: allocations through PyMem_RawMalloc or malloc itself (C libraries' own
-buffers, the interpreter's arenas and thread stacks), and anything allocated before it started.
+What it does not see: memory that C code takes from malloc itself (not through PyMem), the
+interpreter's arenas, and anything allocated before it started. Samples of the profiler's own work
+(building a profile, answering an endpoint) are left out by the sampler itself.
 
-Where the extension cannot run (not built, not CPython 3.11 with the GIL), `start` raises
+Where the extension cannot run (not built, or an interpreter it does not support), `start` raises
 SamplingUnavailable with the reason, and the tracemalloc profile works as before.
 """
 
@@ -17,15 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import CodeType
 
-from asgi_pprof.symbolize import Frame, function_of_code, name_frames
+from asgi_pprof.sampled_stacks import Location, SampledStacks, Stack
 
 try:
     from asgi_pprof import _memprof
@@ -37,29 +38,55 @@ else:
 
 DEFAULT_RATE = 524288  # Go's runtime.MemProfileRate: one sample per 512 KiB allocated
 DEFAULT_FRAMES = 64
+MAX_FRAMES = 128  # as Go keeps since 1.23
+DEFAULT_MAX_BYTES = 4 << 20
+MIN_MAX_BYTES = 256 << 10
 RATE_VARIABLE = "PPROF_MEM_PROFILE_RATE"
+MAX_BYTES_VARIABLE = "PPROF_MEM_PROFILE_MAX_BYTES"
 MAX_RATE = 1 << 40
+MAX_MAX_BYTES = 1 << 34
 
-Stack = tuple[Frame, ...]  # leaf first
-_OWN_FOLDER = os.path.dirname(__file__) + os.sep
+# The code that passes a service's requests through: not the profiler's own work.
+_PASSED_THROUGH = frozenset({"middleware.py", "labels.py"})
+_RECORD_ROW = struct.Struct("<IIIIQQQQQ")  # as _memprof.c's record_row_t
 
 
 class SamplingUnavailable(RuntimeError):
     """The sampling heap profiler cannot run in this interpreter, or cannot start now."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One stack and block size, as Go's MemProfileRecord: counts of sampled blocks."""
+    """One stack, block size class, label set and thread: Go's MemProfileRecord, in sampled
+    blocks and their requested bytes."""
 
     stack: Stack
-    size: int  # bytes per block: records are keyed by stack and size, as Go's buckets are
+    stack_id: int
+    size_class: int
+    label: int  # a label set's number (see labels), 0 for none
+    thread: int  # the allocating thread's ident, where threads are recorded; else 0
     allocs: int  # sampled blocks allocated since start
     frees: int  # ... and freed since
+    alloc_bytes: int
+    free_bytes: int
 
     @property
     def inuse(self) -> int:
         return self.allocs - self.frees
+
+    @property
+    def inuse_bytes(self) -> int:
+        return self.alloc_bytes - self.free_bytes
+
+    @property
+    def size(self) -> int:
+        """The average block size, as Go's writeHeapProto labels a record (`bytes`)."""
+        return self.alloc_bytes // self.allocs if self.allocs else 0
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """What tells records apart while the sampler runs."""
+        return self.stack_id, self.size_class, self.label, self.thread
 
 
 @dataclass
@@ -69,6 +96,7 @@ class SampledHeap:
     records: list[Record]
     rate: int
     frames: int
+    stats: dict[str, int | bool] = field(default_factory=dict)
     time_ns: int = field(default_factory=time.time_ns)
 
 
@@ -82,22 +110,44 @@ def unavailable_reason() -> str:
     return _UNAVAILABLE_REASON
 
 
-def rate_from_environ(environ: Mapping[str, str] = os.environ) -> int:
-    """PPROF_MEM_PROFILE_RATE, or Go's default of 524,288 bytes; ValueError if it is not a
-    whole number of bytes from 1 to 2**40."""
-    value = environ.get(RATE_VARIABLE, "").strip()
+def _whole_number(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = environ.get(name, "").strip()
     if not value:
-        return DEFAULT_RATE
-    if not value.isdigit() or not 1 <= int(value) <= MAX_RATE:
-        raise ValueError(
-            f"{RATE_VARIABLE}={value!r} is not allowed; use an integer from 1 to {MAX_RATE}"
-        )
+        return default
+    if not (value.isascii() and value.isdigit() and len(value) <= 19) or not (
+        low <= int(value) <= high
+    ):
+        raise ValueError(f"{name}={value!r} is not allowed; use an integer from {low} to {high}")
     return int(value)
 
 
-def start(rate: int | None = None, frames: int = DEFAULT_FRAMES) -> None:
+def rate_from_environ(environ: Mapping[str, str] = os.environ) -> int:
+    """PPROF_MEM_PROFILE_RATE, or Go's default of 524,288 bytes; ValueError if it is not a
+    whole number of bytes from 1 to 2**40."""
+    return _whole_number(environ, RATE_VARIABLE, DEFAULT_RATE, 1, MAX_RATE)
+
+
+def max_bytes_from_environ(environ: Mapping[str, str] = os.environ) -> int:
+    """PPROF_MEM_PROFILE_MAX_BYTES, the bound on the sampler's own memory, or 4 MiB; ValueError
+    if it is not a whole number of bytes from 262,144 to 2**34."""
+    return _whole_number(
+        environ, MAX_BYTES_VARIABLE, DEFAULT_MAX_BYTES, MIN_MAX_BYTES, MAX_MAX_BYTES
+    )
+
+
+def _own_files() -> list[str]:
+    """The profiler's source files: a sample whose stack runs through one is its own work."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n not in _PASSED_THROUGH)
+    return [os.path.join(os.path.dirname(__file__), name) for name in names]
+
+
+def start(
+    rate: int | None = None, frames: int = DEFAULT_FRAMES, max_bytes: int | None = None
+) -> None:
     """Sample one allocation per `rate` bytes on average (default: PPROF_MEM_PROFILE_RATE, else
-    524,288; 1 records every allocation), keeping up to `frames` frames of each stack.
+    524,288; 1 records every allocation), keeping up to `frames` frames of each stack (at most
+    128) and at most `max_bytes` of tables (default: PPROF_MEM_PROFILE_MAX_BYTES, else 4 MiB).
 
     Start it before tracemalloc, if both are wanted: tracemalloc started after it wraps it, and
     puts it back when it stops; a sampler started after tracemalloc would be unhooked silently by
@@ -107,28 +157,40 @@ def start(rate: int | None = None, frames: int = DEFAULT_FRAMES) -> None:
         raise SamplingUnavailable(_UNAVAILABLE_REASON)
     if rate is None:
         rate = rate_from_environ()
+    if max_bytes is None:
+        max_bytes = max_bytes_from_environ()
     if not 1 <= rate <= MAX_RATE:
         raise ValueError(f"rate must be from 1 to {MAX_RATE} bytes, not {rate}")
-    if not 1 <= frames <= _memprof.MAX_FRAMES:
-        raise ValueError(f"frames must be from 1 to {_memprof.MAX_FRAMES}, not {frames}")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be from 1 to {MAX_FRAMES}, not {frames}")
+    if not MIN_MAX_BYTES <= max_bytes <= MAX_MAX_BYTES:
+        raise ValueError(
+            f"max_bytes must be from {MIN_MAX_BYTES} to {MAX_MAX_BYTES}, not {max_bytes}"
+        )
     if tracemalloc.is_tracing() and not _memprof.hooks_installed():
         raise SamplingUnavailable(
             "tracemalloc is tracing: start the sampling heap profiler before tracemalloc, or "
             "stop tracemalloc first (its stop() would silently unhook a sampler started after it)"
         )
     with _lock:
+        _memprof.set_own_files(_own_files())
         try:
-            _memprof.start(rate, frames)
+            _memprof.start(rate, frames, max_bytes)
         except RuntimeError as error:
             raise SamplingUnavailable(str(error)) from None
 
 
 def stop() -> None:
     """Stop sampling and forget every record. If tracemalloc started after the sampler, it stays
-    hooked: the sampler's hooks stay in its chain, passing everything through."""
-    if _memprof is not None:
-        with _lock:
+    hooked: the sampler's hooks stay in its chain, passing everything through. Only the
+    interpreter that started the sampler may stop it (SamplingUnavailable otherwise)."""
+    if _memprof is None:
+        return
+    with _lock:
+        try:
             _memprof.stop()
+        except RuntimeError as error:
+            raise SamplingUnavailable(str(error)) from None
 
 
 def is_running() -> bool:
@@ -136,117 +198,62 @@ def is_running() -> bool:
 
 
 def stats() -> dict[str, int | bool]:
-    """The sampler's counters: running, rate, max_frames, samples, dropped, records,
-    live_blocks, own_bytes (the C memory of its tables)."""
+    """The sampler's counters (see _memprof.stats): running, rate, max_frames, max_bytes,
+    samples, dropped, folded, records, stacks, locations, functions, live_blocks, own_bytes."""
     if _memprof is None:
         return {"running": False}
     return _memprof.stats()
 
 
 def capture() -> SampledHeap:
-    """The records now, their frames named; empty if the sampler is not running.
-
-    Records whose stacks differ only by instruction offsets within a line are merged: profiles
-    show lines, and the block sizes stay apart. Blocks that the profiler's own lines allocated
-    (the little that `own_work` does not cover: entering it) are left out. Each record's stack
-    is read from the sampler and named once, at the first capture that sees it.
-    """
+    """The records now, their frames named; empty if the sampler is not running."""
     if _memprof is None:
         return SampledHeap([], DEFAULT_RATE, DEFAULT_FRAMES)
-    with own_work():
-        return _capture()
-
-
-class _KnownStacks:
-    """What earlier snapshots said of each record, by its number: a record's stack never
-    changes while the sampler runs, so it is read, named and grouped once."""
-
-    def __init__(self, generation: int = -1) -> None:
-        self.generation = generation  # the sampler's start count: numbers restart with it
-        self.group_of_record: list[int] = []
-        self.keys: list[tuple[Stack, int]] = []  # by group: (stack, block size)
-        self.own: list[bool] = []  # by group: allocated by the profiler's own lines
-        self.group_of_key: dict[tuple[Stack, int], int] = {}
-        self.frames: dict[tuple[int, int], Frame] = {}  # (id(code), line): the code is alive
-
-    def learn(self, size: int, flat: tuple[CodeType | int, ...]) -> None:
-        stack = []
-        named: dict[Frame, tuple[str, int]] = {}
-        for index in range(0, len(flat), 2):
-            code, lineno = flat[index], flat[index + 1]
-            assert isinstance(code, CodeType) and isinstance(lineno, int)
-            frame = self.frames.get((id(code), lineno))
-            if frame is None:
-                frame = self.frames[id(code), lineno] = (code.co_filename, lineno)
-                named[frame] = function_of_code(code, lineno)
-            stack.append(frame)
-        name_frames(named)
-        key = (tuple(stack), size)
-        group = self.group_of_key.get(key)
-        if group is None:
-            group = self.group_of_key[key] = len(self.keys)
-            self.keys.append(key)
-            self.own.append(bool(stack) and stack[0][0].startswith(_OWN_FOLDER))
-        self.group_of_record.append(group)
-
-
-_known = _KnownStacks()
-
-
-def _first(record: tuple[int, ...]) -> int:
-    return record[0]
-
-
-def _capture() -> SampledHeap:
-    global _known
-    with _lock:
-        settings = _memprof.stats()
-        if settings["generation"] != _known.generation:
-            _known = _KnownStacks(int(settings["generation"]))
-        raw = _memprof.snapshot(len(_known.group_of_record))
-    for index, size, _, _, flat in sorted((r for r in raw if r[4] is not None), key=_first):
-        assert index == len(_known.group_of_record), "records are numbered without gaps"
-        _known.learn(size, flat)
-    counts = [[0, 0] for _ in _known.keys]
-    for index, _, allocs, frees, _ in raw:
-        values = counts[_known.group_of_record[index]]
-        values[0] += allocs
-        values[1] += frees
-    del raw  # the snapshot's references to code objects
-    records = [
-        Record(*_known.keys[group], allocs, frees)
-        for group, (allocs, frees) in enumerate(counts)
-        if allocs and not _known.own[group]
-    ]
-    return SampledHeap(records, int(settings["rate"]), int(settings["max_frames"]))
-
-
-@contextmanager
-def own_work() -> Iterator[None]:
-    """The profiler's own work in this thread (capturing, encoding): its allocations are not
-    sampled. One such piece of work at a time, process-wide."""
-    if _memprof is None:
-        yield
-        return
-    global _own_work_depth
-    with _own_work_lock:
-        _own_work_depth += 1
-        _memprof.set_busy(True)
+    global _stacks
+    with _lock:  # one reader of the snapshots' news at a time
         try:
-            yield
-        finally:
-            _own_work_depth -= 1
-            _memprof.set_busy(_own_work_depth > 0)
+            snapshot = _memprof.snapshot()
+        except RuntimeError as error:
+            raise SamplingUnavailable(str(error)) from None
+        if snapshot is None:
+            return SampledHeap([], DEFAULT_RATE, DEFAULT_FRAMES)
+        counters, resync, rows, stacks, locations, functions, *dead = snapshot
+        if _stacks.generation != counters["generation"]:
+            _stacks = SampledStacks(int(counters["generation"]))
+        _stacks.update(resync, stacks, locations, functions, (dead[0], dead[1], dead[2]))
+        named = _stacks.stacks
+    records = [
+        Record(named[row[0]], row[0], row[1], row[2], *row[4:])
+        for row in _RECORD_ROW.iter_unpack(rows)
+        if row[5]  # allocated something
+    ]
+    return SampledHeap(records, int(counters["rate"]), int(counters["max_frames"]), counters)
+
+
+def size_class(size: int) -> int:
+    """The sampler's size class of a block of `size` bytes (as _memprof.c's size_class): 16-byte
+    steps up to 512 bytes, then 8 classes per power of two, at most 12.5% apart."""
+    if size <= 512:
+        return (size + 15) // 16
+    bits = (size - 1).bit_length() - 1
+    return 32 + (bits - 9) * 8 + (size - 1 - (1 << bits)) // (1 << (bits - 3)) + 1
+
+
+def sampled_stacks() -> SampledStacks:
+    """The names of the sampler's numbers as of the last capture."""
+    return _stacks
+
+
+def location_at(address: int) -> Location | None:
+    """The sampled location whose fake address is `address` (or just below it), for `symbol`."""
+    return _stacks.by_address.get(address & ~0xF)
 
 
 def estimated_inuse_bytes() -> int:
     """The live heap that the samples stand for, unsampled as Go's profile does (0 when not
-    running): the number behind the service's /metrics gauge."""
-    heap = capture()
-    return sum(
-        scale_heap_sample(record.inuse, record.inuse * record.size, heap.rate)[1]
-        for record in heap.records
-    )
+    running): the number behind the service's /metrics gauge. A counter the sampler keeps as
+    blocks come and go: no capture, nothing to wait for."""
+    return _memprof.inuse_estimate() if _memprof is not None else 0
 
 
 def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
@@ -256,19 +263,17 @@ def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
         return 0, 0
     if rate <= 1:
         return count, size  # every block was recorded
-    scale = 1 / (1 - math.exp(-(size / count) / rate))
+    scale = 1 / (1 - math.exp(-(size / count) / rate))  # Go's, as pprof reads the text form
     return int(count * scale), int(size * scale)
 
 
-_lock = threading.Lock()  # one start, stop or snapshot at a time
-_own_work_lock = threading.RLock()  # the C side's guard is one thread's
-_own_work_depth = 0
+_lock = threading.Lock()  # one start, stop or capture at a time
+_stacks = SampledStacks(-1)
 
 
 def _new_lock_in_child() -> None:
-    global _lock, _own_work_lock
+    global _lock
     _lock = threading.Lock()
-    _own_work_lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)

@@ -149,9 +149,6 @@ os.register_at_fork(after_in_child=_new_lock_in_child)
 
 def function_of(filename: str, lineno: int) -> Function:
     """The qualified name and first line of the function that runs `filename:lineno`."""
-    named = _named_frames.get((filename, lineno))
-    if named is not None:
-        return named
     with _lock:
         source_file = _files.get(filename)
         if source_file is None:
@@ -159,21 +156,6 @@ def function_of(filename: str, lineno: int) -> Function:
         return source_file.function_at(lineno)
 
 
-def function_of_code(code: CodeType, lineno: int) -> Function:
-    """What `function_of` names a frame of `code` at `lineno`, from the code object itself,
-    without reading its file: for the sampling profiler, which keeps code objects."""
-    filename = code.co_filename
-    if code.co_name in _COMPREHENSIONS or filename.startswith("<"):
-        return function_of(filename, lineno)  # named after the function around it, or the file
-    return f"{module_name(filename)}.{code.co_qualname}", code.co_firstlineno
-
-
-def name_frames(functions: dict[Frame, Function]) -> None:
-    """Make `function_of` answer these names for these frames (named from code objects)."""
-    _named_frames.update(functions)
-
-
-_named_frames: dict[Frame, Function] = {}
 _frame_by_address: dict[int, Frame] = {}
 
 
@@ -204,16 +186,22 @@ def remember(frames: Iterable[Frame]) -> None:
 
 
 def legacy_record(head: str, stack: Sequence[Frame]) -> list[str]:
-    """One record of Go's legacy text profiles (`debug=1`): `HEAD @ addresses`, then a `#` line
-    per frame naming its function and file:line. As Go does, the `@` line lists return addresses
-    (one past the call) and the `#` lines the call sites; `go tool pprof` reads the `@` line and
-    asks the `symbol` endpoint for names, the `#` lines are for people."""
-    addresses = [address_of(frame) for frame in stack]
-    lines = [f"{head} @ " + " ".join(f"{address + 1:#x}" for address in addresses)]
-    names = [function_of(*frame)[0] for frame in stack]
-    width = max((len(name) for name in names), default=0)
-    for address, name, (filename, lineno) in zip(addresses, names, stack, strict=True):
-        lines.append(f"#\t{address:#x}\t{name:<{width}}\t{filename}:{lineno}")
+    """One record of Go's legacy text profiles (`debug=1`) for a stack of frames."""
+    named = [(address_of(frame), function_of(*frame)[0], frame) for frame in stack]
+    return legacy_lines(
+        head, [(address, name, f"{f}:{line}") for address, name, (f, line) in named]
+    )
+
+
+def legacy_lines(head: str, frames: Sequence[tuple[int, str, str]]) -> list[str]:
+    """One record of Go's legacy text profiles: `HEAD @ addresses`, then a `#` line per frame
+    (address, function, file:line) naming its function and place. As Go does, the `@` line lists
+    return addresses (one past the call) and the `#` lines the call sites; `go tool pprof` reads
+    the `@` line and asks the `symbol` endpoint for names, the `#` lines are for people."""
+    lines = [f"{head} @ " + " ".join(f"{address + 1:#x}" for address, _, _ in frames)]
+    width = max((len(name) for _, name, _ in frames), default=0)
+    for address, name, place in frames:
+        lines.append(f"#\t{address:#x}\t{name:<{width}}\t{place}")
     lines.append("")
     return lines
 

@@ -1,0 +1,204 @@
+"""The sampler stays small and safe whatever the workload does: its tables are bounded, it pins no
+code object, it keeps two functions at one place apart, it starts clean after a stop, and it
+belongs to the interpreter that started it.
+
+Each test asserts counts and sizes, never times (times are in benchmarks/sampled_heap_bounds.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import random
+import sys
+import tracemalloc
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from asgi_pprof import sampled_profile, sampled_stacks, sampling
+
+from pprof_decode import decode
+from sampler_helpers import require_sampler
+
+require_sampler()
+MAX_BYTES = 1 << 20  # a small bound, quick to reach
+
+
+@pytest.fixture(autouse=True)
+def sampler_stopped() -> Iterator[None]:
+    assert not tracemalloc.is_tracing(), "another test left tracemalloc on"
+    sampling.stop()
+    yield
+    sampling.stop()
+
+
+def random_sizes(count: int, below: int) -> None:
+    draw = random.Random(1).randrange
+    for _ in range(count):
+        bytes(draw(1, below))  # one line, nothing kept
+
+
+def test_random_sizes_keep_a_few_hundred_records_within_the_bound() -> None:
+    """Records are keyed by size class, not exact size: one line allocating random sizes below
+    1 MiB makes a record per class it hits, not one per size (735,002 before)."""
+    sampling.start(rate=4096, max_bytes=MAX_BYTES)
+    random_sizes(100_000, 1 << 20)
+    heap = sampling.capture()
+    stats = heap.stats
+    mine = [r for r in heap.records if r.stack[0].name.endswith("random_sizes")]
+    classes = sampling.size_class((1 << 20) + 33)  # a bytes object's header: 33 bytes
+    print(f"{len(mine)} records of the line, {stats['records']} in all, {stats['own_bytes']} B")
+    assert 50 < len(mine) <= classes
+    assert stats["records"] < 2000
+    assert stats["own_bytes"] <= MAX_BYTES
+    assert len(sampled_profile.build(heap, "allocs")) < 64 * 1024
+
+
+def leaf(number: int) -> bytes:
+    return bytes(100 + number % 7)
+
+
+def make_branching_functions(depth: int) -> Callable[[int], None]:
+    """A call tree `depth` levels deep whose every path is a distinct stack: 2**depth stacks."""
+    source = ["def level_0(path):\n    leaf(path)\n"]
+    for level in range(1, depth + 1):
+        source.append(
+            f"def level_{level}(path):\n"
+            f"    if path >> {level - 1} & 1:\n"
+            f"        level_{level - 1}(path)\n"
+            f"    else:\n"
+            f"        level_{level - 1}(path)\n"
+        )
+    namespace: dict[str, object] = {"leaf": leaf}
+    exec(compile("".join(source), "<branching>", "exec"), namespace)
+    return namespace[f"level_{depth}"]  # type: ignore[return-value]
+
+
+def test_a_hundred_thousand_stacks_stay_within_the_bound_and_say_so() -> None:
+    top = make_branching_functions(17)  # 131,072 distinct stacks
+    sampling.start(rate=1, max_bytes=MAX_BYTES)
+    for path in range(100_000):
+        top(path)
+    heap = sampling.capture()
+    stats = heap.stats
+    print(stats)
+    assert stats["own_bytes"] <= MAX_BYTES
+    assert stats["records"] < MAX_BYTES // 64  # no more than the bound can hold
+    folded = [
+        r for r in heap.records if r.stack is sampled_stacks.pseudo_stack(sampled_stacks.FOLDED)
+    ]
+    full = [
+        r for r in heap.records if r.stack is sampled_stacks.pseudo_stack(sampled_stacks.TABLE_FULL)
+    ]
+    # What did not fit is counted, not lost: every sample is in some record.
+    assert sum(r.allocs for r in heap.records) == stats["samples"]
+    assert folded and folded[0].allocs > 0 and stats["folded"] > 0
+    profile = sampled_profile.build(heap, "allocs")
+    assert len(profile) < 2 * MAX_BYTES
+    comments = decode(profile).string_table
+    assert any("folded into asgi_pprof.sampler.folded_records" in c for c in comments)
+    if full:
+        assert any("tables were full" in c for c in comments)
+    # A new start begins with empty tables: its first profile holds only its own locations.
+    sampling.stop()
+    sampling.start(rate=1)
+    keep = [leaf(1) for _ in range(10)]
+    heap = sampling.capture()
+    profile = decode(sampled_profile.build(heap, "heap"))
+    assert len(profile.location) < 300
+    assert not any("branching" in s for s in profile.string_table)
+    del keep
+
+
+def test_generated_functions_are_freed_while_the_sampler_runs() -> None:
+    """Records keep names, not code objects: 2,000 functions made with exec (as namedtuple,
+    dataclasses or ORMs make them), called once and deleted, are all freed."""
+    sampling.start(rate=1)
+    alive: weakref.WeakSet[object] = weakref.WeakSet()
+    for number in range(2000):
+        namespace: dict[str, object] = {}
+        exec(f"def generated_{number}():\n    return bytearray({1000 + number})\n", namespace)
+        function = namespace[f"generated_{number}"]
+        function()  # type: ignore[operator]
+        alive.add(function.__code__)  # type: ignore[attr-defined]
+        del function, namespace
+    gc.collect()
+    heap = sampling.capture()
+    assert any(r.stack[0].name.endswith("generated_1999") for r in heap.records)
+    assert len(alive) == 0
+
+
+MODULE_BEFORE = """\
+def before():
+    return bytearray(4321)
+"""
+MODULE_AFTER = """\
+def after():
+    return bytearray(4321)
+"""
+
+
+def test_a_reloaded_module_keeps_two_functions_at_one_line_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames are known by their function, not by file and line alone: after a reload that puts
+    another function at the same line, the old function's samples keep the old name."""
+    path = tmp_path / "reloaded_module.py"
+    path.write_text(MODULE_BEFORE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reloaded_module")
+    sampling.start(rate=1)
+    keep = [module.before()]
+    path.write_text(MODULE_AFTER + "\n")  # another size: the import system sees the change
+    importlib.invalidate_caches()
+    module = importlib.reload(module)
+    keep.append(module.after())
+    heap = sampling.capture()
+    names = {r.stack[0].name for r in heap.records if r.size == 4322}
+    assert names == {"reloaded_module.before", "reloaded_module.after"}
+    places = {(r.stack[0].filename, r.stack[0].line) for r in heap.records if r.size == 4322}
+    assert places == {(str(path), 2)}
+    del sys.modules["reloaded_module"], keep
+
+
+def test_stop_forgets_everything_and_restarts_clean() -> None:
+    sampling.start(rate=1)
+    keep = [leaf(n) for n in range(100)]
+    assert sampling.capture().records
+    sampling.stop()
+    assert sampling.stats()["own_bytes"] == 0
+    assert sampling.capture().records == []
+    sampling.start(rate=1)
+    stats = sampling.capture().stats
+    assert stats["records"] <= 10 and stats["locations"] <= 300
+    del keep
+
+
+SUBINTERPRETER_CODE = """
+import sys
+sys.path[:0] = {path!r}
+from asgi_pprof import sampling
+with open({out!r}, "w") as out:
+    for action in (sampling.stop, sampling.capture, lambda: sampling.start(rate=7)):
+        try:
+            action()
+            out.write("allowed\\n")
+        except sampling.SamplingUnavailable as error:
+            out.write(f"refused: {{error}}\\n")
+"""
+
+
+def test_a_subinterpreter_cannot_stop_restart_or_read_the_sampler(tmp_path: Path) -> None:
+    testcapi = pytest.importorskip("_testcapi", reason="a build without test modules")
+    sampling.start(rate=4096)
+    out = tmp_path / "out.txt"
+    code = SUBINTERPRETER_CODE.format(path=sys.path, out=str(out))
+    assert testcapi.run_in_subinterp(code) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("refused:") for line in lines), lines
+    assert "belongs to the interpreter that started it" in lines[0]
+    assert sampling.is_running() and sampling.stats()["rate"] == 4096
