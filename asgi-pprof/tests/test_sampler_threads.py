@@ -126,6 +126,7 @@ def child_samples_its_main_thread() -> bool:
     return after - before == 50
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_children_forked_while_another_thread_captures_all_sample_their_main_thread() -> None:
     """The profiler's own-work state is per thread and the child resets its own: a fork in the
     middle of a capture elsewhere leaves the child's main thread sampled (29 of 30 were not)."""

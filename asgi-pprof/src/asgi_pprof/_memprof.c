@@ -1970,6 +1970,9 @@ after_fork_in_child(void)
     thread_state.in_sampler = thread_state.probing = thread_state.in_realloc = 0;
     thread_state.generation = 0;  /* a fresh draw at the next allocation */
     seed_random(&thread_state);
+    /* A thread of the parent may have taken a snapshot whose news never reached the Python side
+       the child inherited: the child's next snapshot tells everything again. */
+    sampler.tables.resync = 1;
     index_t *records = &sampler.tables.records;
     for (size_t i = 0; records->buckets != NULL && i < records->nbuckets; i++) {
         for (node_t *node = records->buckets[i]; node != NULL; node = node->next) {
