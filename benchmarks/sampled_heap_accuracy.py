@@ -1,6 +1,7 @@
 """How close the sampled estimate of the leak comes to tracemalloc's exact figure, run by run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/sampled_heap_accuracy.py [--runs 5] [--requests 5000]
+    PYTHONPATH=. .venv/bin/python benchmarks/sampled_heap_accuracy.py [--runs 10] [--requests 5000]
+        [--library DIR]
 
 Each run is a fresh process with an in-process leaky app (plain ASGI calls, no trace export): after
 a warm-up, the sampler starts at the rate under test, then tracemalloc (8 frames) wraps it, so
@@ -10,10 +11,10 @@ exactly, from tracemalloc's snapshots; estimated, from the sampled heap profiles
 (inuse_space, unsampled as pprof shows it). Printed: each run's estimate / exact, and per rate the
 mean, standard deviation and range of that ratio, and the leak's samples per run.
 
-tracemalloc also traces the raw domain (PyMem_RawMalloc), which the sampler does not hook: this
-leak's locks keep their native semaphores there. A last run at rate 1 (every block recorded, on a
-tenth of the requests) measures the share the sampler can see at all: the figure its estimates
-should be compared with.
+tracemalloc also traces the raw domain (PyMem_RawMalloc), where this leak's locks keep their
+native semaphores; the sampler hooks it too (a sampler built before it did can be measured with
+`--library DIR`, a folder holding that build's asgi_pprof package). A last run at rate 1 (every
+block recorded, on a tenth of the requests) measures the share the sampler sees at all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,8 +41,15 @@ def worker(rate: int, requests: int) -> dict[str, float]:
     from asgi_pprof.symbolize import function_of
     from tests.leak_probe import drive
 
-    def through_proxy(stack: tuple[tuple[str, int], ...]) -> bool:
-        return any(function_of(*frame)[0].startswith(PROXY_METER) for frame in stack[:FRAMES])
+    def names(stack: tuple[object, ...]) -> list[str]:
+        """Function names of a stack: the sampler's locations, or (file, line) frames."""
+        return [
+            getattr(frame, "name", None) or function_of(*frame)[0]  # type: ignore[misc]
+            for frame in stack[:FRAMES]
+        ]
+
+    def through_proxy(stack: tuple[object, ...]) -> bool:
+        return any(name.startswith(PROXY_METER) for name in names(stack))
 
     def exact(snapshot: tracemalloc.Snapshot) -> int:
         return sum(
@@ -48,6 +57,13 @@ def worker(rate: int, requests: int) -> dict[str, float]:
             for trace in snapshot.traces
             if through_proxy(tuple((f.filename, f.lineno) for f in trace.traceback))
         )
+
+    def stack_of(growth: sampled_profile.SampledProfile, key: tuple) -> tuple[object, ...]:
+        records = getattr(growth, "records", None)  # a build before records were keyed
+        return records[key].stack if records is not None else key[0]
+
+    def inuse(heap: sampling.SampledHeap) -> dict[object, int]:
+        return {getattr(r, "key", (r.stack, getattr(r, "size", 0))): r.inuse for r in heap.records}
 
     app = create_app(Settings(leak_mode="leaky", traces_exporter="none"))
     asyncio.run(drive(app, WARMUP_REQUESTS))
@@ -61,21 +77,27 @@ def worker(rate: int, requests: int) -> dict[str, float]:
     growth = sampled_profile.delta(
         sampled_profile.unsampled(heap_after), sampled_profile.unsampled(heap_before)
     )
-    estimate = sum(v[3] for (stack, _), v in growth.values.items() if through_proxy(stack))
-    after = {(r.stack, r.size): r.inuse for r in heap_after.records}
-    before = {(r.stack, r.size): r.inuse for r in heap_before.records}
-    samples = sum(n - before.get(key, 0) for key, n in after.items() if through_proxy(key[0]))
+    estimate = sum(v[3] for key, v in growth.values.items() if through_proxy(stack_of(growth, key)))
+    stacks = {
+        getattr(r, "key", (r.stack, getattr(r, "size", 0))): r.stack for r in heap_after.records
+    }
+    after, before = inuse(heap_after), inuse(heap_before)
+    samples = sum(n - before.get(key, 0) for key, n in after.items() if through_proxy(stacks[key]))
     return {"exact": exact(traced_after) - exact(traced_before), "estimate": estimate,
             "samples": samples}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rates", type=int, nargs="+", default=[524288, 65536])
     parser.add_argument("--worker", type=int, metavar="RATE")
+    parser.add_argument("--library", help="a folder holding another build's asgi_pprof package")
     args = parser.parse_args()
+    env = dict(os.environ)
+    if args.library:
+        env["PYTHONPATH"] = os.pathsep.join([args.library, env.get("PYTHONPATH", "")])
     if args.worker:
         print(json.dumps(worker(args.worker, args.requests)))
         return 0
@@ -85,7 +107,8 @@ def main() -> int:
         for rate in args.rates:  # interleaved
             command = [sys.executable, __file__, "--worker", str(rate), "--requests",
                        str(args.requests)]  # fmt: skip
-            result = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+            run_ = subprocess.run(command, capture_output=True, check=True, env=env)
+            result = json.loads(run_.stdout)
             ratios[rate].append(result["estimate"] / result["exact"])
             samples[rate].append(result["samples"])
             print(f"run {run + 1}, rate {rate}: exact {result['exact']:.0f} B, estimate "
@@ -95,7 +118,7 @@ def main() -> int:
           "lowest | highest | samples per run |")  # fmt: skip
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     command = [sys.executable, __file__, "--worker", "1", "--requests", str(args.requests // 10)]
-    reference = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+    reference = json.loads(subprocess.run(command, capture_output=True, check=True, env=env).stdout)
     visible = reference["estimate"] / reference["exact"]
     print(f"rate 1 over {args.requests // 10} requests: the sampler sees {visible:.3f} of the "
           "leak's bytes that tracemalloc sees (the rest is in the raw domain)")  # fmt: skip

@@ -178,7 +178,7 @@ typedef struct thread_state {
     int in_sampler;             /* in the sampler's own code: everything passes through */
     int probing, probe_seen;    /* start() asking which sizes pymalloc hands to the raw domain */
     int in_realloc, raw_handled;  /* an OBJ or MEM realloc that pymalloc passed to the raw domain */
-    int listed;
+    int listed;                 /* 1 on the list, 0 not yet, -1 ended (never again) */
     struct thread_state *next_thread;
 } thread_state_t;
 
@@ -1024,7 +1024,7 @@ unlist_thread(void *state)
             break;
         }
     }
-    t->listed = 0;
+    t->listed = -1;  /* its other destructors may still allocate: it stays off the list */
     pthread_mutex_unlock(&table_lock);
 }
 
@@ -1046,7 +1046,7 @@ sample_allocation(int domain, void *ptr, size_t size)
     if (t->in_sampler) {
         return;
     }
-    if (!t->listed) {
+    if (t->listed == 0) {
         list_thread(t);
     }
     if (t->probing) {
@@ -1085,7 +1085,9 @@ sample_allocation(int domain, void *ptr, size_t size)
     if (tstate != NULL) {
         nframe = read_frames(tstate, frames, sampler.max_frames);
         kind = nframe ? STACK_FRAMES : STACK_NO_FRAMES;
-        label = read_label();
+        if (tstate->interp == sampler.owner) {  /* the label variable is its interpreter's */
+            label = read_label();
+        }
     }
     uint64_t thread = sampler.label_threads ? (uint64_t)PyThread_get_thread_ident() : 0;
     pthread_mutex_lock(&table_lock);  /* in_sampler is set: see lock_tables */
@@ -1627,6 +1629,8 @@ copy_tables(buffer_t *out, int *resync)
             put(out, &row, sizeof(row));
         }
     }
+    size_t stacks_at = out->size;
+    put(out, &stacks_at, sizeof(size_t));  /* the section's length, filled in below */
     index_t *stacks = &t->stacks;
     for (size_t i = 0; i < stacks->nbuckets; i++) {
         for (node_t *node = stacks->buckets[i]; node != NULL; node = node->next) {
@@ -1642,7 +1646,12 @@ copy_tables(buffer_t *out, int *resync)
             }
         }
     }
-    put_u32(out, 0);
+    if (!out->failed) {
+        size_t length = out->size - stacks_at - sizeof(size_t);
+        memcpy(out->data + stacks_at, &length, sizeof(size_t));
+    }
+    size_t locations_at = out->size;
+    put(out, &locations_at, sizeof(size_t));
     index_t *locations = &t->locations;
     for (size_t i = 0; i < locations->nbuckets; i++) {
         for (node_t *node = locations->buckets[i]; node != NULL; node = node->next) {
@@ -1654,7 +1663,10 @@ copy_tables(buffer_t *out, int *resync)
             }
         }
     }
-    put_u32(out, 0);
+    if (!out->failed) {
+        size_t length = out->size - locations_at - sizeof(size_t);
+        memcpy(out->data + locations_at, &length, sizeof(size_t));
+    }
     index_t *functions = &t->functions;
     for (size_t i = 0; i < functions->nbuckets; i++) {
         for (node_t *node = functions->buckets[i]; node != NULL; node = node->next) {
@@ -1672,9 +1684,9 @@ copy_tables(buffer_t *out, int *resync)
     put_u32(out, 0);
     id_list_t *dead[] = {&t->dead_stacks, &t->dead_locations, &t->dead_functions};
     for (int d = 0; d < 3; d++) {
-        size_t count = all ? 0 : dead[d]->count;
-        put(out, &count, sizeof(size_t));
-        put(out, dead[d]->ids, count * sizeof(uint32_t));
+        size_t size = (all ? 0 : dead[d]->count) * sizeof(uint32_t);
+        put(out, &size, sizeof(size_t));
+        put(out, dead[d]->ids, size);
         dead[d]->count = 0;
     }
     sampler.samples_at_snapshot = sampler.samples;
@@ -1700,13 +1712,13 @@ take_u32(const char **cursor)
     return value;
 }
 
+/* A section of u32s, after its length in bytes. */
 static PyObject *
 take_ids(const char **cursor)
 {
-    size_t count;
-    memcpy(&count, take(cursor, sizeof(size_t)), sizeof(size_t));
-    return PyBytes_FromStringAndSize(take(cursor, count * sizeof(uint32_t)),
-                                     (Py_ssize_t)(count * sizeof(uint32_t)));
+    size_t size;
+    memcpy(&size, take(cursor, sizeof(size_t)), sizeof(size_t));
+    return PyBytes_FromStringAndSize(take(cursor, size), (Py_ssize_t)size);
 }
 
 static PyObject *
@@ -1724,30 +1736,12 @@ snapshot_objects(const char *cursor, const counters_t *counters, int resync)
     memcpy(&nrecords, take(&cursor, sizeof(size_t)), sizeof(size_t));
     size_t size = nrecords * sizeof(record_row_t);
     PyObject *records = PyBytes_FromStringAndSize(take(&cursor, size), (Py_ssize_t)size);
-    PyObject *stacks = PyList_New(0), *locations = PyList_New(0), *functions = PyList_New(0);
+    PyObject *stacks = take_ids(&cursor);  /* sections of u32s: handed over whole */
+    PyObject *locations = take_ids(&cursor);
+    PyObject *functions = PyList_New(0);
     PyObject *result = NULL;
     if (records == NULL || stacks == NULL || locations == NULL || functions == NULL) {
         goto done;
-    }
-    for (uint32_t id; (id = take_u32(&cursor)) != 0;) {
-        uint32_t kind = take_u32(&cursor), nframe = take_u32(&cursor);
-        const char *frames = take(&cursor, nframe * sizeof(uint32_t));
-        PyObject *item = Py_BuildValue("(IIy#)", id, kind, frames,
-                                       (Py_ssize_t)(nframe * sizeof(uint32_t)));
-        if (item == NULL || PyList_Append(stacks, item) < 0) {
-            Py_XDECREF(item);
-            goto done;
-        }
-        Py_DECREF(item);
-    }
-    for (uint32_t id; (id = take_u32(&cursor)) != 0;) {
-        uint32_t function = take_u32(&cursor), line = take_u32(&cursor);
-        PyObject *item = Py_BuildValue("(IIi)", id, function, (int)line);
-        if (item == NULL || PyList_Append(locations, item) < 0) {
-            Py_XDECREF(item);
-            goto done;
-        }
-        Py_DECREF(item);
     }
     for (uint32_t id; (id = take_u32(&cursor)) != 0;) {
         uint32_t firstlineno = take_u32(&cursor), own = take_u32(&cursor);
@@ -1796,11 +1790,12 @@ PyDoc_STRVAR(snapshot_doc,
 "resync, records, stacks, locations, functions, dead_stacks, dead_locations, dead_functions),\n"
 "stats as stats() gives them at the same moment.\n"
 "records: bytes of struct '<IIIIQQQQQ' rows (stack id, size class, label, stack kind, thread,\n"
-"allocs, frees, alloc_bytes, free_bytes). stacks: [(id, kind, location ids as '<I' bytes, leaf\n"
-"first)] not reported before; locations: [(id, function id, line)]; functions: [(id, file name,\n"
-"qualified name, first line, own)]; dead_*: '<I' bytes of reported ids since freed. resync: forget\n"
-"what earlier snapshots said (all is reported again). None when not running. The tables are\n"
-"copied under the lock; the Python objects are made after it is released.");
+"allocs, frees, alloc_bytes, free_bytes). stacks: '<I' numbers (id, kind, frames, location ids\n"
+"leaf first), for the stacks not reported before; locations: '<I' numbers (id, function id,\n"
+"line); functions: [(id, file name, qualified name, first line, own)]; dead_*: '<I' ids of the\n"
+"reported ones since freed. resync: forget what earlier snapshots said (all is reported again).\n"
+"None when not running. The tables are copied under the lock; the Python objects are made after\n"
+"it is released, and the big sections are bytes for Python to read at its own pace.");
 
 static PyObject *
 memprof_snapshot(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
@@ -1944,6 +1939,47 @@ memprof_set_own_files(PyObject *Py_UNUSED(module), PyObject *filenames)
 }
 
 
+PyDoc_STRVAR(varints_doc,
+"varints(values)\n--\n\n"
+"The ints as consecutive protobuf varints (a packed field's payload; negative ones as int64):\n"
+"what a profile's samples spend most of their encoding time on, done in one call.");
+
+static PyObject *
+memprof_varints(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *sequence = PySequence_Fast(values, "a sequence of ints is needed");
+    if (sequence == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, count * 10);  /* 10: a varint's most */
+    if (result == NULL) {
+        Py_DECREF(sequence);
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result), *start = out;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long long number = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(sequence, i));
+        if (number == -1 && PyErr_Occurred()) {
+            Py_DECREF(sequence);
+            Py_DECREF(result);
+            return NULL;
+        }
+        uint64_t value = (uint64_t)number;
+        while (value >= 0x80) {
+            *out++ = (unsigned char)(value | 0x80);
+            value >>= 7;
+        }
+        *out++ = (unsigned char)value;
+    }
+    Py_DECREF(sequence);
+    if (_PyBytes_Resize(&result, out - start) < 0) {
+        return NULL;
+    }
+    return result;
+}
+
+
 /* ---- fork: the child starts clean, whatever the parent's threads were doing ----------------- */
 
 static void
@@ -1965,7 +2001,7 @@ static void
 after_fork_in_child(void)
 {
     pthread_mutex_init(&table_lock, NULL);
-    threads = thread_state.listed ? &thread_state : NULL;  /* the others are gone */
+    threads = thread_state.listed == 1 ? &thread_state : NULL;  /* the others are gone */
     thread_state.next_thread = NULL;
     thread_state.in_sampler = thread_state.probing = thread_state.in_realloc = 0;
     thread_state.generation = 0;  /* a fresh draw at the next allocation */
@@ -1997,6 +2033,7 @@ static PyMethodDef memprof_methods[] = {
     {"hooks_installed", memprof_hooks_installed, METH_NOARGS, hooks_installed_doc},
     {"set_label_variable", memprof_set_label_variable, METH_O, set_label_variable_doc},
     {"set_own_files", memprof_set_own_files, METH_O, set_own_files_doc},
+    {"varints", memprof_varints, METH_O, varints_doc},
     {NULL, NULL, 0, NULL},
 };
 

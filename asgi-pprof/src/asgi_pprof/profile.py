@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Iterable, Mapping, Sequence
 
-from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, field_size, packed_size, varint_size
+from asgi_pprof.protobuf import LENGTH_DELIMITED, ProtoWriter, varint_size
 from asgi_pprof.symbolize import Frame, address_of, function_of
 
 # profile.proto field numbers.
@@ -148,34 +148,45 @@ class ProfileBuilder:
         num_labels: Mapping[str, int] = {},
     ) -> None:
         """Add one sample whose location ids, leaf first, are already encoded as varints."""
-        ids_size, values_size = len(location_ids), packed_size(values)
-        size = 0  # a packed field with nothing in it is not written, nor counted
-        if location_ids:
-            size += field_size(_SAMPLE_LOCATION_ID, ids_size)
-        if values:
-            size += field_size(_SAMPLE_VALUE, values_size)
-        label_fields = [(self._string(key), self._string(value)) for key, value in labels.items()]
-        for key_index, value_index in label_fields:
-            size += field_size(_SAMPLE_LABEL, _label_size(key_index, value_index))
-        num_fields = [(self._string(key), value) for key, value in num_labels.items()]
-        for key_index, number in num_fields:
-            size += field_size(_SAMPLE_LABEL, _num_label_size(key_index, number))
-        samples = self._samples  # written in place: one sample costs one list, not six buffers
-        samples.key(_PROFILE_SAMPLE, LENGTH_DELIMITED)
-        samples.varint(size)
-        if location_ids:
-            samples.bytes(_SAMPLE_LOCATION_ID, location_ids)
-        samples.packed(_SAMPLE_VALUE, values, values_size)
-        for key_index, value_index in label_fields:
-            samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
-            samples.varint(_label_size(key_index, value_index))
-            samples.integer(_LABEL_KEY, key_index)
-            samples.integer(_LABEL_STR, value_index)
-        for key_index, number in num_fields:
-            samples.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
-            samples.varint(_num_label_size(key_index, number))
-            samples.integer(_LABEL_KEY, key_index)
-            samples.integer(_LABEL_NUM, number)
+        writer = ProtoWriter()
+        for value in values:
+            writer.varint(value)
+        self.add_sample_packed(
+            location_ids, bytes(writer.data), self.label_fields(labels, num_labels)
+        )
+
+    def label_fields(self, labels: Mapping[str, str], num_labels: Mapping[str, int] = {}) -> bytes:
+        """A sample's Label fields, encoded: the same for every sample with these labels, in
+        this profile (they hold its string indexes)."""
+        writer = ProtoWriter()
+        for key, value in labels.items():
+            key_index, value_index = self._string(key), self._string(value)
+            writer.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
+            writer.varint(_label_size(key_index, value_index))
+            writer.integer(_LABEL_KEY, key_index)
+            writer.integer(_LABEL_STR, value_index)
+        for key, number in num_labels.items():
+            key_index = self._string(key)
+            writer.key(_SAMPLE_LABEL, LENGTH_DELIMITED)
+            writer.varint(_num_label_size(key_index, number))
+            writer.integer(_LABEL_KEY, key_index)
+            writer.integer(_LABEL_NUM, number)
+        return bytes(writer.data)
+
+    def add_sample_packed(self, location_ids: bytes, values: bytes, label_fields: bytes) -> None:
+        """Add one sample from its parts, encoded: location ids and values as packed varints, and
+        its Label fields (`label_fields`). Empty packed fields are not written. Joined as bytes:
+        the sampler's profiles add thousands."""
+        body = b"".join(
+            (
+                (_LOCATION_IDS_KEY + _length(len(location_ids)) + location_ids)
+                if location_ids
+                else b"",
+                (_VALUES_KEY + _length(len(values)) + values) if values else b"",
+                label_fields,
+            )
+        )
+        self._samples.data += _SAMPLE_KEY + _length(len(body)) + body
 
     def encode(self) -> bytes:
         """The gzipped profile.proto bytes that `go tool pprof` reads."""
@@ -195,6 +206,21 @@ class ProfileBuilder:
         return gzip.compress(body, compresslevel=1)
 
 
+# The keys of a sample's fields, and the lengths that precede them, as bytes.
+_SAMPLE_KEY = bytes([_PROFILE_SAMPLE << 3 | LENGTH_DELIMITED])
+_LOCATION_IDS_KEY = bytes([_SAMPLE_LOCATION_ID << 3 | LENGTH_DELIMITED])
+_VALUES_KEY = bytes([_SAMPLE_VALUE << 3 | LENGTH_DELIMITED])
+_SHORT_LENGTHS = [bytes([n]) for n in range(128)]
+
+
+def _length(size: int) -> bytes:
+    if size < 128:
+        return _SHORT_LENGTHS[size]
+    writer = ProtoWriter()
+    writer.varint(size)
+    return bytes(writer.data)
+
+
 def encode_location(location_id: int, function_id: int, line: int, address: int) -> bytes:
     """A Location message with one Line: the same bytes in every profile, so callers keep it."""
     line_message = ProtoWriter()
@@ -209,11 +235,20 @@ def encode_location(location_id: int, function_id: int, line: int, address: int)
 
 
 def encode_varints(values: Iterable[int]) -> bytes:
-    """Values as consecutive varints: a packed field's payload (a stack's location ids)."""
+    """Values as consecutive varints: a packed field's payload (a stack's location ids, a
+    sample's values). In one C call where the sampler's extension is here."""
+    if _c_varints is not None:
+        return _c_varints(values if isinstance(values, list | tuple) else list(values))
     writer = ProtoWriter()
     for value in values:
         writer.varint(value)
     return bytes(writer.data)
+
+
+try:
+    from asgi_pprof._memprof import varints as _c_varints
+except ImportError:  # not built, or an interpreter it does not support
+    _c_varints = None
 
 
 def _label_size(key_index: int, value_index: int) -> int:

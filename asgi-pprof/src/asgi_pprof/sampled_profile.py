@@ -29,7 +29,6 @@ from asgi_pprof.sampled_stacks import (
     pseudo_stack,
 )
 from asgi_pprof.sampling import Record, SampledHeap, scale_heap_sample
-from asgi_pprof.symbolize import legacy_lines
 
 SAMPLE_TYPES = [
     ("alloc_objects", "count"),
@@ -58,15 +57,15 @@ class SampledProfile:
 
 def unsampled(heap: SampledHeap) -> SampledProfile:
     """What the samples stand for, record by record, as Go's writeHeapProto scales them."""
-    values = {}
+    values, records, rate = {}, {}, heap.rate
     for record in heap.records:
-        allocated = scale_heap_sample(record.allocs, record.alloc_bytes, heap.rate)
-        inuse = scale_heap_sample(record.inuse, record.inuse_bytes, heap.rate)
-        values[record.key] = [*allocated, *inuse]
-    records = {record.key: record for record in heap.records}
-    return SampledProfile(
-        values, records, heap.rate, heap.frames, heap.time_ns, comments=_notes(heap)
-    )
+        key = record.key
+        values[key] = [
+            *scale_heap_sample(record.allocs, record.alloc_bytes, rate),
+            *scale_heap_sample(record.allocs - record.frees, record.inuse_bytes, rate),
+        ]
+        records[key] = record
+    return SampledProfile(values, records, rate, heap.frames, heap.time_ns, comments=_notes(heap))
 
 
 def delta(end: SampledProfile, start: SampledProfile) -> SampledProfile:
@@ -140,6 +139,7 @@ def encode(profile: SampledProfile, name: str) -> bytes:
     ordered = sorted(profile.values.items(), key=lambda item: item[1][column], reverse=True)
     used: dict[int, Location] = {}
     encoded_stacks: dict[int, bytes] = {}
+    label_fields: dict[tuple[int, int, int], bytes] = {}  # by label set, thread, block size
     for key, values in ordered:
         record = profile.records[key]
         location_ids = encoded_stacks.get(record.stack_id)
@@ -151,7 +151,13 @@ def encode(profile: SampledProfile, name: str) -> bytes:
             encoded_stacks[record.stack_id] = location_ids
             for location in record.stack:
                 used[location.id] = location
-        builder.add_sample_ids(location_ids, values, labels_of(record), {"bytes": record.size})
+        fields_key = (record.label, record.thread, record.size)
+        fields = label_fields.get(fields_key)
+        if fields is None:
+            fields = label_fields[fields_key] = builder.label_fields(
+                labels_of(record), {"bytes": record.size}
+            )
+        builder.add_sample_packed(location_ids, encode_varints(values), fields)
     functions: dict[int, Function] = {}
     for location in used.values():
         builder.add_encoded_location(tables.encoded_location(location))
@@ -163,10 +169,11 @@ def encode(profile: SampledProfile, name: str) -> bytes:
 
 def build(heap: SampledHeap, name: str, start: SampledHeap | None = None) -> bytes:
     """The `heap` or `allocs` profile.proto of `heap`, or of its growth since `start`."""
-    profile = unsampled(heap)
-    if start is not None:
-        profile = delta(profile, unsampled(start))
-    return encode(profile, name)
+    with sampling.collection_paused():
+        profile = unsampled(heap)
+        if start is not None:
+            profile = delta(profile, unsampled(start))
+        return encode(profile, name)
 
 
 def index_entries(profiles: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -192,6 +199,11 @@ def index_entries(profiles: list[tuple[str, str, str]]) -> list[tuple[str, str, 
 
 def render_text(heap: SampledHeap) -> str:
     """Go's legacy text (`debug=1`) for `heap` and `allocs` alike: raw sampled counts."""
+    with sampling.collection_paused():
+        return _render_text(heap)
+
+
+def _render_text(heap: SampledHeap) -> str:
     records = sorted(heap.records, key=lambda record: record.inuse_bytes, reverse=True)
     inuse_objects = sum(record.inuse for record in records)
     inuse_bytes = sum(record.inuse_bytes for record in records)
@@ -203,10 +215,13 @@ def render_text(heap: SampledHeap) -> str:
         f"heap profile: {inuse_objects}: {inuse_bytes} [{alloc_objects}: {alloc_bytes}] "
         f"@ heap/{2 * heap.rate}"
     ]
+    tables = sampling.sampled_stacks()
     for record in records:
-        head = f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}]"
-        places = [(loc.address, loc.name, f"{loc.filename}:{loc.line}") for loc in record.stack]
-        lines += legacy_lines(head, places)
+        addresses, frames = tables.legacy_stack(record.stack_id, record.stack)
+        lines.append(
+            f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}] "
+            f"@ {addresses}\n{frames}\n"
+        )
     lines += ["", *_memory_statistics(heap)]
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,7 @@ class Location:
     function: Function
     line: int
     address: int  # a fake program counter, for Go's legacy text and the symbol endpoint
+    legacy: str  # its `#` line in Go's legacy text (made once: a text repeats it per record)
 
     @property
     def filename(self) -> str:
@@ -69,15 +70,26 @@ def _address(function: Function, line: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=5).digest(), "big") << 4
 
 
+def _signed(number: int) -> int:
+    """A C int read back as an unsigned 32-bit number (a line of -1: none)."""
+    return number - (1 << 32) if number >= 1 << 31 else number
+
+
 def _name(filename: str, qualname: str, first_line: int) -> tuple[str, int]:
     if sys.version_info < (3, 12) and qualname.rsplit(".", 1)[-1] in _COMPREHENSIONS:
         return function_of(filename, first_line)  # the function around it, from its source
     return f"{module_name(filename)}.{qualname}", first_line
 
 
+def _location(location_id: int, function: Function, line: int) -> Location:
+    address = _address(function, line)
+    legacy = f"#\t{address:#x}\t{function.name}\t{function.filename}:{line}"
+    return Location(location_id, function, line, address, legacy)
+
+
 def _pseudo_stack(kind: int) -> Stack:
     function = Function(_PSEUDO_IDS + kind, PSEUDO_FUNCTIONS[kind], "asgi_pprof", 0)
-    return (Location(_PSEUDO_IDS + kind, function, 0, _address(function, 0)),)
+    return (_location(_PSEUDO_IDS + kind, function, 0),)
 
 
 _PSEUDO_STACKS = {kind: _pseudo_stack(kind) for kind in PSEUDO_FUNCTIONS}
@@ -102,36 +114,45 @@ class SampledStacks:
         self.by_address: dict[int, Location] = {}
         self._encoded_stacks: dict[int, bytes] = {}  # a stack's location ids, as varints
         self._encoded_locations: dict[int, bytes] = {}
+        self._legacy_stacks: dict[int, tuple[str, str]] = {}
 
     def update(
         self,
         resync: bool,
-        stacks: list[tuple[int, int, bytes]],
-        locations: list[tuple[int, int, int]],
+        stacks: bytes,
+        locations: bytes,
         functions: list[tuple[int, str, str, int, bool]],
         dead: tuple[bytes, bytes, bytes],
     ) -> None:
-        """Take in a snapshot's news: what is new, then what was freed."""
+        """Take in a snapshot's news: what is new, then what was freed. `stacks` holds (id, kind,
+        frames, location ids...) and `locations` (id, function id, line) as '<I' numbers."""
         if resync:  # the sampler reports everything again
             self._clear()
         for function_id, filename, qualname, first_line, _own in functions:
             name, start_line = _name(filename, qualname, first_line)
             self.functions[function_id] = Function(function_id, name, filename, start_line)
-        for location_id, function_id, line in locations:
-            function = self.functions[function_id]
-            location = Location(location_id, function, line, _address(function, line))
+        numbers = array.array("I", locations)
+        for at in range(0, len(numbers), 3):
+            location_id, function_id, line = numbers[at : at + 3]
+            location = _location(location_id, self.functions[function_id], _signed(line))
             self.locations[location_id] = location
             self.by_address[location.address] = location
-        for stack_id, kind, location_ids in stacks:
+        numbers = array.array("I", stacks)
+        at, known = 0, self.locations
+        while at < len(numbers):
+            stack_id, kind, nframe = numbers[at : at + 3]
             if kind == FRAMES:
-                ids = array.array("I", location_ids)
-                self.stacks[stack_id] = tuple(self.locations[i] for i in ids)
+                self.stacks[stack_id] = tuple(
+                    map(known.__getitem__, numbers[at + 3 : at + 3 + nframe])
+                )
             else:
                 self.stacks[stack_id] = _PSEUDO_STACKS[kind]
+            at += 3 + nframe
         dead_stacks, dead_locations, dead_functions = (array.array("I", ids) for ids in dead)
         for stack_id in dead_stacks:
             self.stacks.pop(stack_id, None)
             self._encoded_stacks.pop(stack_id, None)
+            self._legacy_stacks.pop(stack_id, None)
         for location_id in dead_locations:
             location = self.locations.pop(location_id, None)
             if location is not None and self.by_address.get(location.address) is location:
@@ -147,6 +168,16 @@ class SampledStacks:
             ids = [location.id for location in self.stacks[stack_id]]
             encoded = self._encoded_stacks[stack_id] = encode_varints(ids)
         return encoded
+
+    def legacy_stack(self, stack_id: int, stack: Stack) -> tuple[str, str]:
+        """A stack in Go's legacy text: the `@` line's addresses and the `#` lines, made once."""
+        legacy = self._legacy_stacks.get(stack_id)
+        if legacy is None:
+            addresses = " ".join([f"{location.address + 1:#x}" for location in stack])
+            legacy = (addresses, "\n".join([location.legacy for location in stack]))
+            if self.stacks.get(stack_id) is stack:
+                self._legacy_stacks[stack_id] = legacy
+        return legacy
 
     def encoded_location(self, location: Location) -> bytes:
         """The Location message, made once: its numbers are the sampler's, stable while it runs."""

@@ -17,14 +17,17 @@ SamplingUnavailable with the reason, and the tracemalloc profile works as before
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from asgi_pprof.sampled_stacks import Location, SampledStacks, Stack
 
@@ -55,10 +58,9 @@ class SamplingUnavailable(RuntimeError):
     """The sampling heap profiler cannot run in this interpreter, or cannot start now."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One stack, block size class, label set and thread: Go's MemProfileRecord, in sampled
-    blocks and their requested bytes."""
+    blocks and their requested bytes. (A tuple: a capture makes thousands.)"""
 
     stack: Stack
     stack_id: int
@@ -205,10 +207,36 @@ def stats() -> dict[str, int | bool]:
     return _memprof.stats()
 
 
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No garbage collection while the profiler works (capturing, encoding): what it allocates
+    would start collections of the whole heap, which at a heap's size stall everything for far
+    longer than the profile takes. The collection they would have started runs after (the
+    counts stay), unless the service itself turned collection off. Nests, across threads."""
+    global _pauses, _collecting
+    with _pause_lock:
+        if _pauses == 0:
+            _collecting = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _collecting:
+                gc.enable()
+
+
 def capture() -> SampledHeap:
     """The records now, their frames named; empty if the sampler is not running."""
     if _memprof is None:
         return SampledHeap([], DEFAULT_RATE, DEFAULT_FRAMES)
+    with collection_paused():
+        return _capture()
+
+
+def _capture() -> SampledHeap:
     global _stacks
     with _lock:  # one reader of the snapshots' news at a time
         try:
@@ -223,9 +251,9 @@ def capture() -> SampledHeap:
         _stacks.update(resync, stacks, locations, functions, (dead[0], dead[1], dead[2]))
         named = _stacks.stacks
     records = [
-        Record(named[row[0]], row[0], row[1], row[2], *row[4:])
-        for row in _RECORD_ROW.iter_unpack(rows)
-        if row[5]  # allocated something
+        Record(named[stack_id], stack_id, size_class, label, *counts)
+        for stack_id, size_class, label, _kind, *counts in _RECORD_ROW.iter_unpack(rows)
+        if counts[1]  # allocated something
     ]
     return SampledHeap(records, int(counters["rate"]), int(counters["max_frames"]), counters)
 
@@ -269,11 +297,17 @@ def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
 
 _lock = threading.Lock()  # one start, stop or capture at a time
 _stacks = SampledStacks(-1)
+_pause_lock = threading.Lock()
+_pauses = 0  # how many pieces of the profiler's work are running
+_collecting = True  # whether collection was on when the first of them began
 
 
 def _new_lock_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()
+    global _lock, _pause_lock, _pauses
+    _lock, _pause_lock = threading.Lock(), threading.Lock()
+    if _pauses and _collecting:  # a thread of the parent was in the middle of its work
+        gc.enable()
+    _pauses = 0
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)
