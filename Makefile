@@ -15,7 +15,7 @@ LIBRARY_FILES := $(shell find $(LIBRARY)/pyproject.toml $(LIBRARY)/setup.py $(LI
 PINNED := requirements.txt requirements-dev.txt pyproject.toml
 BENCHMARKS := $(sort $(wildcard benchmarks/*.py))
 
-.PHONY: venv demo test serve docs bench
+.PHONY: venv demo test test-pythons serve docs bench
 
 venv: $(LIBRARY_STAMP)
 
@@ -41,6 +41,12 @@ test: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 	cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)
+
+# The library's suite on every Python it supports, each in a venv of its own as a user installs
+# it (3.11 to 3.14, free-threaded 3.13t): .ci/pythons finds or builds them (root, for 3.13t and
+# 3.14), .ci/library-on-pythons runs them. `make test-pythons PYTHONS="3.13t 3.14"` runs some.
+test-pythons:
+	.ci/library-on-pythons $(PYTHONS)
 
 serve: venv
 	$(BIN)/leaker serve $(SERVE_ARGS)

@@ -209,6 +209,38 @@ def test_capture_has_every_thread_and_the_tasks_of_every_loop(other_threads: Non
     assert names(running.stack)[-1].endswith(".<locals>.scenario")
 
 
+async def waiting_on_a_runners_loop() -> None:
+    await asyncio.sleep(3600)
+
+
+def test_tasks_of_a_loop_that_only_an_asyncio_runner_holds() -> None:
+    """A loop that no Python frame runs (uvloop's run from C, or not running yet) whose
+    `asyncio.Runner` (asyncio.run, uvicorn) is a local of a thread: on 3.14, where asyncio keeps
+    its tasks per thread, the loop is found through the runner."""
+    release, ready = threading.Event(), threading.Event()
+
+    def hold_a_runner() -> None:
+        with asyncio.Runner() as runner:
+            task = runner.get_loop().create_task(waiting_on_a_runners_loop())
+            runner.run(asyncio.sleep(0))  # one turn of the loop: the task waits in its sleep
+            ready.set()  # the loop stands still, held by the runner only
+            release.wait()
+            task.cancel()
+
+    holder = threading.Thread(target=hold_a_runner, name="runner holder")
+    holder.start()
+    try:
+        assert ready.wait(10)
+        tasks = [g for g in goroutine.capture() if g.kind == "task"]
+        assert [(g.state, names(g.stack)) for g in tasks] == [
+            ("pending", ["asyncio.tasks.sleep", "test_goroutine.waiting_on_a_runners_loop"])
+        ]
+        assert goroutine.count() == len(threading.enumerate()) + 1
+    finally:
+        release.set()
+        holder.join(10)
+
+
 def test_tasks_of_loops_without_a_running_loop_in_this_thread(other_threads: None) -> None:
     """Called outside any event loop, the other loop's tasks are still found."""
     tasks = [g for g in goroutine.capture() if g.kind == "task"]

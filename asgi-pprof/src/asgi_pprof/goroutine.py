@@ -9,9 +9,20 @@ the loop, and Python lists neither loops nor other threads' running loops. Pytho
 keep one registry of every task of every loop, `asyncio.tasks._all_tasks` (3.11) or
 `_scheduled_tasks` plus `_eager_tasks` (3.12, 3.13): private names, but the ones `all_tasks`
 itself reads, so they hold exactly what it would return for each loop. We read them the way
-`all_tasks` does (a copy, retried if another thread changes the set meanwhile). Python 3.14 keeps
-its own tasks in per-thread lists that Python code cannot walk; there the registry holds only
-third-party tasks, so we also ask the public `asyncio.all_tasks()` for the serving loop's tasks.
+`all_tasks` does (a copy, retried if another thread changes the set meanwhile).
+
+Python 3.14 keeps its own tasks in per-thread linked lists instead; the registry holds only
+third-party tasks. There `asyncio.all_tasks(loop)` walks every thread's list, but keeps the tasks
+of the one loop it is given (compared by identity), so we need the loops. A running loop is on the
+stack of the thread that runs it: asyncio's own loops as `self` of `run_forever`, a loop run from C
+(uvloop) as a local of the code that started it, or as the loop of the `asyncio.Runner` behind
+`asyncio.run` (uvicorn's way). We take the loops held by a local of any thread's frame, plus this
+thread's running loop and the loops of the registry's tasks, and ask `all_tasks` for each. Missed
+there: the tasks of a loop that no frame holds (one run by a thread whose only reference to it is
+in C code, or one that no thread runs and no frame holds). The other ways in were no better:
+`asyncio.capture_call_graph` starts from a task one already has, and `asyncio.tools` reads a
+process's memory from outside (`_remote_debugging`), which on itself would race the threads it
+reads.
 
 A task's stack is the chain of coroutines it is suspended in: `cr_frame` of its coroutine, then
 of what that awaits (`cr_await`), down to the leaf; generators (`gi_yieldfrom`) and async
@@ -40,6 +51,8 @@ Stack = tuple[Frame, ...]  # leaf first
 
 _MAX_AWAIT_CHAIN = 1000  # a chain is as deep as the coroutines awaiting each other; never a cycle
 _REGISTRY_NAMES = ("_all_tasks", "_scheduled_tasks", "_eager_tasks")
+# asyncio's own tasks are in per-thread lists, which only `all_tasks(loop)` walks, loop by loop.
+_TASKS_PER_THREAD = sys.version_info >= (3, 14)
 
 
 @dataclass(frozen=True)
@@ -100,14 +113,46 @@ def _registered_tasks() -> list[asyncio.Task]:
     return tasks
 
 
-def pending_tasks() -> list[asyncio.Task]:
-    """Every task not yet done, of every event loop of the process."""
+def _loops_held_by(frames: Iterable[types.FrameType]) -> set[asyncio.AbstractEventLoop]:
+    """The event loops that these frames hold in a local: as themselves, or as the loop of an
+    `asyncio.Runner`. Types are tested with `type()`: `isinstance` would read a proxy's
+    `__class__`, which may run code."""
+    loops: set[asyncio.AbstractEventLoop] = set()
+    for frame in frames:
+        # A copy, made in one step: another thread may change a module's globals meanwhile.
+        for value in list(frame.f_locals.values()):
+            if issubclass(type(value), asyncio.Runner):
+                value = vars(value).get("_loop")
+            if issubclass(type(value), asyncio.AbstractEventLoop):
+                loops.add(value)
+    return loops
+
+
+def pending_tasks(
+    frames_by_thread: dict[int, list[types.FrameType]] | None = None,
+) -> list[asyncio.Task]:
+    """Every task not yet done, of every event loop of the process (see the module's doc comment
+    for what 3.14 can miss). `frames_by_thread`: every thread's frames, if already at hand."""
     tasks = {task for task in _registered_tasks() if not task.done()}
+    loops: set[asyncio.AbstractEventLoop] = set()
     try:
-        tasks.update(asyncio.all_tasks())
+        loops.add(asyncio.get_running_loop())
     except RuntimeError:  # no event loop runs in this thread
         pass
+    if _TASKS_PER_THREAD:  # else the registry has them all
+        loops.update(task.get_loop() for task in tasks)
+        if frames_by_thread is None:
+            frames_by_thread = _frames_by_thread()
+        for frames in frames_by_thread.values():
+            loops.update(_loops_held_by(frames))
+    for loop in loops:
+        tasks.update(asyncio.all_tasks(loop))
     return sorted(tasks, key=lambda task: _natural_key(task.get_name()))
+
+
+def _frames_by_thread() -> dict[int, list[types.FrameType]]:
+    """Every thread's frames, leaf first."""
+    return {ident: _thread_frames(frame) for ident, frame in sys._current_frames().items()}
 
 
 def _natural_key(name: str) -> list[str | int]:
@@ -154,9 +199,7 @@ def capture() -> list[Goroutine]:
     """
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     main_ident = threading.main_thread().ident
-    frames_by_thread = {
-        ident: _thread_frames(frame) for ident, frame in sys._current_frames().items()
-    }
+    frames_by_thread = _frames_by_thread()
     goroutines = []
     stacks_by_thread = {ident: _stack_of(frames) for ident, frames in frames_by_thread.items()}
     # Where each frame sits on a thread's stack: a running task's frames are found there.
@@ -168,7 +211,7 @@ def capture() -> list[Goroutine]:
         goroutines.append(
             Goroutine("thread", f'{ident} "{name}"', "running", stacks_by_thread[ident])
         )
-    for task in pending_tasks():
+    for task in pending_tasks(frames_by_thread):
         coroutine = task.get_coro()
         frames = _awaited_frames(coroutine)
         running = bool(getattr(coroutine, "cr_running", False))
@@ -184,7 +227,8 @@ def capture() -> list[Goroutine]:
 
 def count() -> int:
     """How many threads and pending tasks there are, for the index page."""
-    return len(sys._current_frames()) + len(pending_tasks())
+    frames_by_thread = _frames_by_thread()
+    return len(frames_by_thread) + len(pending_tasks(frames_by_thread))
 
 
 def count_stacks(goroutines: Iterable[Goroutine]) -> GoroutineProfile:
