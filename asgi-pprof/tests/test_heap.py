@@ -4,7 +4,6 @@ the symbolizer that names Python frames the way pprof names Go functions."""
 from __future__ import annotations
 
 import py_compile
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -219,12 +218,6 @@ async def annotated(first: int, second: str) -> None:  # mark: annotated def
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="profile.py keys a function by (name, filename) alone, so a property's getter and "
-    "setter (or, on 3.14, the __annotate__ of each def in one scope) share the first one's "
-    "start_line; the patch that keys it on start_line too is in the pythons branch's report",
-)
 def test_functions_of_one_name_in_one_file_stay_two_functions(sample_dir: Path) -> None:
     path = sample_dir / "sample_same_names.py"
     path.write_text(SAME_NAMES)
@@ -240,13 +233,6 @@ def test_functions_of_one_name_in_one_file_stay_two_functions(sample_dir: Path) 
     ]
 
 
-@pytest.mark.xfail(
-    sys.version_info >= (3, 14),
-    strict=True,
-    reason="3.14 (PEP 649) compiles a def's annotations into an __annotate__ function on the "
-    "def's own line, and symbolize.py names that line after it: a coroutine not started yet "
-    "reads as __annotate__; the patch is in the pythons branch's report",
-)
 def test_a_def_line_is_its_functions_not_its_annotations(sample_dir: Path) -> None:
     path = sample_dir / "sample_annotated.py"
     path.write_text(SAME_NAMES)

@@ -48,7 +48,7 @@ class ProfileBuilder:
     ) -> None:
         self._strings: dict[str, int] = {"": 0}  # string_table[0] must be ""
         self._functions = ProtoWriter()
-        self._function_ids: dict[tuple[str, str], int] = {}
+        self._function_ids: dict[tuple[str, str, int], int] = {}
         self._locations = ProtoWriter()
         self._location_ids: dict[Frame, int] = {}
         self._encoded_ids: dict[Frame, bytes] = {}  # each location's id as a varint
@@ -84,7 +84,9 @@ class ProfileBuilder:
         return value_type
 
     def _function_id(self, name: str, filename: str, start_line: int) -> int:
-        key = (name, filename)
+        # One name in one file may be several functions: a property's getter and setter, or on
+        # 3.14 (PEP 649) the `__annotate__` of each annotated def in one scope. Each is its own.
+        key = (name, filename, start_line)
         function_id = self._function_ids.get(key)
         if function_id is None:
             function_id = self._function_ids[key] = len(self._function_ids) + 1

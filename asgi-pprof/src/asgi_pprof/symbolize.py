@@ -33,6 +33,11 @@ Function = tuple[str, int]  # (qualified name, first line)
 # A line holding a comprehension also belongs to the function around it; name the function, as
 # Python 3.12 does by inlining comprehensions (PEP 709).
 _COMPREHENSIONS = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
+# Python 3.14 (PEP 649) compiles the annotations of a def (or a class) into an `__annotate__`
+# function that starts on the same line and runs that line whenever something reads them. The
+# line is far more often its own function's (a coroutine not started yet stands there), so on a
+# shared first line the other code object wins.
+_ANNOTATE = "__annotate__"
 
 
 class _SourceFile:
@@ -41,13 +46,14 @@ class _SourceFile:
     def __init__(self, filename: str) -> None:
         self.module = module_name(filename)
         code = _load_code(filename)
-        self.codes: list[CodeType] = []  # sorted by first line, outer before inner on ties
+        # Sorted by first line, `__annotate__` then outer before inner on ties.
+        self.codes: list[CodeType] = []
         pending = [code] if code is not None else []
         while pending:
             current = pending.pop()
             self.codes.append(current)
             pending.extend(c for c in current.co_consts if isinstance(c, CodeType))
-        self.codes.sort(key=lambda c: c.co_firstlineno)
+        self.codes.sort(key=lambda c: (c.co_firstlineno, c.co_name != _ANNOTATE))
         self.lines_of: dict[CodeType, frozenset[int]] = {}
         self.functions: dict[int, Function] = {}
 
