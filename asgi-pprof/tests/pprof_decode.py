@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -134,6 +134,8 @@ class Frame:
 class Sample:
     frames: tuple[Frame, ...]  # leaf first, as profile.proto orders location_id
     values: dict[str, int]  # by sample type, e.g. {"inuse_objects": 3, "inuse_space": 240}
+    labels: dict[str, str] = field(default_factory=dict)  # string labels, e.g. {"thread": ...}
+    num_labels: dict[str, int] = field(default_factory=dict)  # e.g. {"bytes": 4096}
 
 
 def samples(profile: Any) -> list[Sample]:
@@ -157,7 +159,10 @@ def samples(profile: Any) -> list[Sample]:
                         function.start_line,
                     )
                 )
-        resolved.append(Sample(tuple(frames), dict(zip(types, sample.value, strict=True))))
+        words = {strings[label.key]: strings[label.str] for label in sample.label if label.str}
+        numbers = {strings[label.key]: label.num for label in sample.label if not label.str}
+        values = dict(zip(types, sample.value, strict=True))
+        resolved.append(Sample(tuple(frames), values, words, numbers))
     return resolved
 
 
@@ -197,8 +202,8 @@ def invariant_violations(profile: Any) -> list[str]:
 
     functions = {function.id: function for function in profile.function}
     for function in profile.function:
-        for field in (function.name, function.system_name, function.filename):
-            check_index(f"function {function.id}", field)
+        for index in (function.name, function.system_name, function.filename):
+            check_index(f"function {function.id}", index)
         if function.name < len(strings) and not strings[function.name]:
             problems.append(f"function {function.id} has no name")
     function_keys = Counter(

@@ -28,6 +28,7 @@ SANITIZED_TESTS = [
     "tests/test_sampled_profiles.py",
     "tests/test_sampler_bounds.py",
     "tests/test_sampler_threads.py",
+    "tests/test_labels.py",
 ]
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 UNDER_SANITIZER = "ASGI_PPROF_UNDER_SANITIZER"

@@ -97,8 +97,10 @@ def test_profiles_have_gos_sample_types_period_and_bytes_label(name: str) -> Non
     comments = [strings[index] for index in profile.comment]
     assert any("sampling heap profiler" in c and f"per {RATE} bytes" in c for c in comments)
     for sample in profile.sample:
-        labels = [(strings[label.key], label.num) for label in sample.label]
-        assert len(labels) == 1 and labels[0][0] == "bytes" and labels[0][1] > 0
+        numbers = [(strings[label.key], label.num) for label in sample.label if label.num]
+        assert len(numbers) == 1 and numbers[0][0] == "bytes" and numbers[0][1] > 0
+        words = {strings[label.key]: strings[label.str] for label in sample.label if label.str}
+        assert words.get("thread") == "MainThread"  # all of this test's blocks are its thread's
     # Each record's values are its sampled counts, unsampled as Go's scaleHeapSample does.
     block = SIZE + 1
     record = next(
@@ -116,7 +118,8 @@ def test_profiles_have_gos_sample_types_period_and_bytes_label(name: str) -> Non
 
 LEGACY_HEADER = re.compile(r"heap profile: (\d+): (\d+) \[(\d+): (\d+)\] @ heap/(\d+)")
 LEGACY_RECORD = re.compile(r"(\d+): (\d+) \[(\d+): (\d+)\] @((?: 0x[0-9a-f]+)+)")
-LEGACY_FRAME = re.compile(r"#\t0x[0-9a-f]+\t[^\t]+\t[^\t]+:\d+")
+LEGACY_FRAME = re.compile(r"#\t0x[0-9a-f]+\t[^\t]+\t[^\t]+:-?\d+")
+LEGACY_LABELS = re.compile(r'# labels: \{"[^"]+":"[^"]*"(, "[^"]+":"[^"]*")*\}')
 
 
 def test_legacy_text_is_gos_with_raw_counts() -> None:
@@ -130,6 +133,10 @@ def test_legacy_text_is_gos_with_raw_counts() -> None:
     while LEGACY_RECORD.fullmatch(lines[index]):
         record = LEGACY_RECORD.fullmatch(lines[index])
         frames = lines[index + 1 : lines.index("", index)]
+        if frames[0].startswith("# labels: "):  # as Go's goroutine profile prints labels
+            assert LEGACY_LABELS.fullmatch(frames[0]), frames[0]
+            frames = frames[1:]
+            index += 1
         assert frames and all(LEGACY_FRAME.fullmatch(frame) for frame in frames), frames
         assert len(frames) == len(record[5].split())
         records.append([int(record[n]) for n in range(1, 5)])

@@ -886,9 +886,9 @@ read_label(void)
     if (variable == NULL) {
         return 0;
     }
-    PyObject *value = NULL;
     uint32_t label = 0;
-    if (PyContextVar_Get(variable, NULL, &value) == 0 && value != NULL) {
+    PyObject *value = memprof_context_value(variable);
+    if (value != NULL) {
         if (PyLong_CheckExact(value)) {
             int overflow = 0;
             long number = PyLong_AsLongAndOverflow(value, &overflow);
@@ -931,8 +931,13 @@ location_of(const frame_read_t *frame)
     int line = PyCode_Addr2Line(code, frame->lasti * (int)sizeof(_Py_CODEUNIT));
     location_t *location = intern_location(function, line);
     if (location != NULL) {
+        /* A location is in one slot at most, the one its drop clears: other instructions of its
+           line (or another code object of the same names) move it. */
         if (entry->location != NULL) {
             entry->location->cached_at = -1;
+        }
+        if (location->cached_at >= 0) {
+            cache[location->cached_at].location = NULL;
         }
         *entry = (frame_cache_t){code, code->co_filename, code->co_qualname, lines,
                                  frame->lasti, code->co_firstlineno, location};
@@ -1400,19 +1405,27 @@ is_owner(void)
 }
 
 PyDoc_STRVAR(start_doc,
-"start(rate, max_frames, max_bytes, label_threads=False)\n--\n\n"
+"start(rate, max_frames, max_bytes, label_threads=False, label_variable=None)\n--\n\n"
 "Sample one allocation every `rate` bytes on average (1: every one), keeping up to\n"
-"`max_frames` frames of each sampled stack and at most `max_bytes` of tables. RuntimeError if\n"
-"it runs already, or if another interpreter started it.");
+"`max_frames` frames of each sampled stack and at most `max_bytes` of tables. Each record keeps\n"
+"the int that `label_variable` (a contextvars.ContextVar) holds where the block was allocated,\n"
+"and with `label_threads` the allocating thread. RuntimeError if it runs already, or if another\n"
+"interpreter started it.");
 
 static PyObject *
 memprof_start(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"rate", "max_frames", "max_bytes", "label_threads", NULL};
+    static char *keywords[] = {"rate", "max_frames", "max_bytes", "label_threads",
+                               "label_variable", NULL};
     Py_ssize_t rate, max_bytes = DEFAULT_MAX_BYTES;
     int max_frames, label_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ni|np:start", keywords, &rate, &max_frames,
-                                     &max_bytes, &label_threads)) {
+    PyObject *label_variable = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ni|npO:start", keywords, &rate, &max_frames,
+                                     &max_bytes, &label_threads, &label_variable)) {
+        return NULL;
+    }
+    if (label_variable != Py_None && !PyContextVar_CheckExact(label_variable)) {
+        PyErr_SetString(PyExc_TypeError, "label_variable must be a contextvars.ContextVar");
         return NULL;
     }
     if (rate < 1) {
@@ -1446,6 +1459,10 @@ memprof_start(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         sampler.max_frames = max_frames;
         sampler.label_threads = label_threads;
         sampler.owner = PyInterpreterState_Get();
+        if (label_variable != Py_None && label_variable != sampler.label_variable) {
+            /* The one before is never released: a thread may still be reading it. */
+            sampler.label_variable = Py_NewRef(label_variable);
+        }
         sampler.samples = sampler.dropped = sampler.folded = 0;
         sampler.samples_at_snapshot = sampler.records_since_fold = 0;
         sampler.inuse_estimate = 0;
@@ -1869,32 +1886,6 @@ memprof_hooks_installed(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored
     return PyBool_FromLong(hooks[0].installed || hooks[1].installed || hooks[2].installed);
 }
 
-PyDoc_STRVAR(set_label_variable_doc,
-"set_label_variable(variable)\n--\n\n"
-"The contextvars.ContextVar whose int value (a label set's number, 0 for none) each sampled\n"
-"allocation records. Once per process: the variable is kept for good.");
-
-static PyObject *
-memprof_set_label_variable(PyObject *Py_UNUSED(module), PyObject *variable)
-{
-    if (!PyContextVar_CheckExact(variable)) {
-        PyErr_SetString(PyExc_TypeError, "a contextvars.ContextVar is needed");
-        return NULL;
-    }
-    int was = lock_tables();
-    int set = sampler.label_variable == NULL || sampler.label_variable == variable;
-    if (sampler.label_variable == NULL) {
-        /* Never released: a sampling thread may be reading it without the lock. */
-        sampler.label_variable = Py_NewRef(variable);
-    }
-    unlock_tables(was);
-    if (!set) {
-        PyErr_SetString(PyExc_RuntimeError, "the label variable is set already");
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(set_own_files_doc,
 "set_own_files(filenames)\n--\n\n"
 "The profiler's own source files: samples whose stack runs through one of them are left out.");
@@ -2031,7 +2022,6 @@ static PyMethodDef memprof_methods[] = {
     {"stats", memprof_stats, METH_NOARGS, stats_doc},
     {"inuse_estimate", memprof_inuse_estimate, METH_NOARGS, inuse_estimate_doc},
     {"hooks_installed", memprof_hooks_installed, METH_NOARGS, hooks_installed_doc},
-    {"set_label_variable", memprof_set_label_variable, METH_O, set_label_variable_doc},
     {"set_own_files", memprof_set_own_files, METH_O, set_own_files_doc},
     {"varints", memprof_varints, METH_O, varints_doc},
     {NULL, NULL, 0, NULL},

@@ -35,6 +35,7 @@
 #else
 #  include "internal/pycore_frame.h"
 #endif
+#include "internal/pycore_context.h"  /* a context variable's lookup cache */
 
 /* This thread's state if it holds the GIL (is attached), else NULL: the raw domain is called
    without it, and then its frames are not ours to read. */
@@ -98,6 +99,30 @@ static inline int
 memprof_frame_lasti(_PyInterpreterFrame *frame)
 {
     return _PyInterpreterFrame_LASTI(frame);
+}
+
+/* A context variable's value here (a new reference, or NULL if unset and no default), read
+   without leaving a trace. PyContextVar_Get() caches what it finds in the variable; an allocation
+   made inside ContextVar.set() or reset(), before the new context is in place, would cache a
+   value that is about to be stale, and Python's own reads would then return it. */
+static inline PyObject *
+memprof_context_value(PyObject *variable)
+{
+    PyObject *value = NULL;
+#ifndef Py_GIL_DISABLED  /* free-threaded builds keep no cache */
+    PyContextVar *var = (PyContextVar *)variable;
+    PyObject *cached = var->var_cached;
+    uint64_t cached_tsid = var->var_cached_tsid, cached_tsver = var->var_cached_tsver;
+#endif
+    if (PyContextVar_Get(variable, NULL, &value) < 0) {
+        value = NULL;
+    }
+#ifndef Py_GIL_DISABLED
+    var->var_cached = cached;
+    var->var_cached_tsid = cached_tsid;
+    var->var_cached_tsver = cached_tsver;
+#endif
+    return value;
 }
 
 #endif  /* !MEMPROF_UNSUPPORTED_REASON */

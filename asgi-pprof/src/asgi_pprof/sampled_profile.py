@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from dataclasses import dataclass, field
 
-from asgi_pprof import sampling
+from asgi_pprof import labels, sampling
 from asgi_pprof.profile import ProfileBuilder, encode_varints
 from asgi_pprof.sampled_stacks import (
     FOLDED,
@@ -116,9 +117,12 @@ def _notes(heap: SampledHeap) -> list[str]:
     return notes
 
 
-def labels_of(record: Record) -> dict[str, str]:
-    """The string labels of a record's samples (none yet: see labels)."""
-    return {}
+def labels_of(record: Record, thread_names: dict[int, str]) -> dict[str, str]:
+    """The string labels of a record's samples: its label set's, and its thread's name."""
+    pairs = labels.label_set(record.label)
+    if record.thread:
+        pairs["thread"] = thread_names[record.thread]
+    return pairs
 
 
 def encode(profile: SampledProfile, name: str) -> bytes:
@@ -140,6 +144,7 @@ def encode(profile: SampledProfile, name: str) -> bytes:
     used: dict[int, Location] = {}
     encoded_stacks: dict[int, bytes] = {}
     label_fields: dict[tuple[int, int, int], bytes] = {}  # by label set, thread, block size
+    threads = labels.thread_names({record.thread for record in profile.records.values()} - {0})
     for key, values in ordered:
         record = profile.records[key]
         location_ids = encoded_stacks.get(record.stack_id)
@@ -155,7 +160,7 @@ def encode(profile: SampledProfile, name: str) -> bytes:
         fields = label_fields.get(fields_key)
         if fields is None:
             fields = label_fields[fields_key] = builder.label_fields(
-                labels_of(record), {"bytes": record.size}
+                labels_of(record, threads), {"bytes": record.size}
             )
         builder.add_sample_packed(location_ids, encode_varints(values), fields)
     functions: dict[int, Function] = {}
@@ -216,12 +221,15 @@ def _render_text(heap: SampledHeap) -> str:
         f"@ heap/{2 * heap.rate}"
     ]
     tables = sampling.sampled_stacks()
+    threads = labels.thread_names({record.thread for record in records} - {0})
     for record in records:
         addresses, frames = tables.legacy_stack(record.stack_id, record.stack)
-        lines.append(
-            f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}] "
-            f"@ {addresses}\n{frames}\n"
-        )
+        head = f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}]"
+        pairs = labels_of(record, threads)
+        if pairs:  # as Go's goroutine profile prints them
+            pairs_text = ", ".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs.items())
+            frames = f"# labels: {{{pairs_text}}}\n{frames}"
+        lines.append(f"{head} @ {addresses}\n{frames}\n")
     lines += ["", *_memory_statistics(heap)]
     return "\n".join(lines) + "\n"
 

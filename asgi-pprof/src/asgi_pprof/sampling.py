@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from asgi_pprof import labels
 from asgi_pprof.sampled_stacks import Location, SampledStacks, Stack
 
 try:
@@ -145,11 +146,16 @@ def _own_files() -> list[str]:
 
 
 def start(
-    rate: int | None = None, frames: int = DEFAULT_FRAMES, max_bytes: int | None = None
+    rate: int | None = None,
+    frames: int = DEFAULT_FRAMES,
+    max_bytes: int | None = None,
+    threads: bool = True,
 ) -> None:
     """Sample one allocation per `rate` bytes on average (default: PPROF_MEM_PROFILE_RATE, else
     524,288; 1 records every allocation), keeping up to `frames` frames of each stack (at most
     128) and at most `max_bytes` of tables (default: PPROF_MEM_PROFILE_MAX_BYTES, else 4 MiB).
+    Each sample carries the labels set where it was allocated (see labels) and, with `threads`,
+    its thread.
 
     Start it before tracemalloc, if both are wanted: tracemalloc started after it wraps it, and
     puts it back when it stops; a sampler started after tracemalloc would be unhooked silently by
@@ -177,7 +183,7 @@ def start(
     with _lock:
         _memprof.set_own_files(_own_files())
         try:
-            _memprof.start(rate, frames, max_bytes)
+            _memprof.start(rate, frames, max_bytes, threads, labels.label_set_number)
         except RuntimeError as error:
             raise SamplingUnavailable(str(error)) from None
 
