@@ -179,11 +179,14 @@ typedef struct thread_state {
     int probing, probe_seen;    /* start() asking which sizes pymalloc hands to the raw domain */
     int in_realloc, raw_handled;  /* an OBJ or MEM realloc that pymalloc passed to the raw domain */
     int listed;                 /* 1 on the list, 0 not yet, -1 ended (never again) */
+    uint64_t serial;            /* this thread's number, never reused (idents are) */
+    uint64_t ident;             /* PyThread_get_thread_ident(), to name it while it lives */
     struct thread_state *next_thread;
 } thread_state_t;
 
 static THREAD_LOCAL thread_state_t thread_state;
 static thread_state_t *threads;     /* every listed thread's state, behind table_lock */
+static uint64_t thread_serials;     /* the last serial given to a thread */
 static pthread_key_t thread_end;    /* its destructor takes a thread off the list */
 
 static struct {
@@ -1009,7 +1012,9 @@ static void
 list_thread(thread_state_t *t)
 {
     t->in_sampler = 1;
+    t->ident = (uint64_t)PyThread_get_thread_ident();
     pthread_mutex_lock(&table_lock);
+    t->serial = ++thread_serials;
     t->next_thread = threads;
     threads = t;
     t->listed = 1;
@@ -1094,7 +1099,7 @@ sample_allocation(int domain, void *ptr, size_t size)
             label = read_label();
         }
     }
-    uint64_t thread = sampler.label_threads ? (uint64_t)PyThread_get_thread_ident() : 0;
+    uint64_t thread = sampler.label_threads ? t->serial : 0;
     pthread_mutex_lock(&table_lock);  /* in_sampler is set: see lock_tables */
     if (is_running() && sampler.generation == generation) {  /* not stopped meanwhile */
         record_sample((uintptr_t)ptr, size, frames, nframe, kind, label, thread);
@@ -1930,6 +1935,47 @@ memprof_set_own_files(PyObject *Py_UNUSED(module), PyObject *filenames)
 }
 
 
+PyDoc_STRVAR(threads_doc,
+"threads()\n--\n\n"
+"The threads that allocated since they started, and live: a list of (serial, ident). A record's\n"
+"thread is its serial, never reused; the ident (threading's) names it while it lives.");
+
+static PyObject *
+memprof_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    size_t count = 0, capacity = 64;
+    uint64_t *pairs = NULL;
+    int was = lock_tables();
+    for (thread_state_t *t = threads; t != NULL; t = t->next_thread) {
+        count++;
+    }
+    capacity = count ? count : 1;
+    pairs = malloc(2 * capacity * sizeof(uint64_t));  /* the C library's: no hook */
+    count = 0;
+    for (thread_state_t *t = threads; pairs != NULL && t != NULL; t = t->next_thread) {
+        pairs[2 * count] = t->serial;
+        pairs[2 * count + 1] = t->ident;
+        count++;
+    }
+    unlock_tables(was);
+    if (pairs == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list != NULL && i < count; i++) {
+        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)pairs[2 * i],
+                                       (unsigned long long)pairs[2 * i + 1]);
+        if (pair == NULL || PyList_Append(list, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(pair);
+    }
+    free(pairs);
+    return list;
+}
+
 PyDoc_STRVAR(varints_doc,
 "varints(values)\n--\n\n"
 "The ints as consecutive protobuf varints (a packed field's payload; negative ones as int64):\n"
@@ -2024,6 +2070,7 @@ static PyMethodDef memprof_methods[] = {
     {"hooks_installed", memprof_hooks_installed, METH_NOARGS, hooks_installed_doc},
     {"set_own_files", memprof_set_own_files, METH_O, set_own_files_doc},
     {"varints", memprof_varints, METH_O, varints_doc},
+    {"threads", memprof_threads, METH_NOARGS, threads_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,8 +13,9 @@ stands for the label set; sets are numbered here, at most MAX_LABEL_SETS of them
 new sets share one that says so. `http.route` is the route's template (`/orders/{id}`, as
 OpenTelemetry names it), never the raw path: the sets stay as few as the service's routes.
 
-The thread comes from the sampler, which keeps the allocating thread's ident; its name is read
-when a profile is built (a thread that ended before any profile is named by its ident). A task's
+The thread comes from the sampler, which numbers each thread (a serial: the OS reuses thread
+idents); its name is read from `threading` while it lives, at each profile built, and remembered
+(a thread that ended before any profile is named `thread #N`). A task's
 name is a label where labels are set (the middleware, `labelled`) inside a task that has a name
 of its own: asyncio's default `Task-N` names one task only, and is left out.
 """
@@ -174,15 +175,17 @@ class LabelMiddleware:
         return number
 
 
-_thread_names: dict[int, str] = {}
+_thread_names: dict[int, str] = {}  # by the sampler's serial
 
 
-def thread_names(idents: set[int]) -> dict[int, str]:
-    """Names of threads by ident: those alive now, or remembered from an earlier call."""
-    alive = {thread.ident: thread.name for thread in threading.enumerate() if thread.ident}
-    for ident in idents & alive.keys():
-        _thread_names.pop(ident, None)
-        _thread_names[ident] = alive[ident]  # most recently seen last
+def thread_names(serials: set[int], live: list[tuple[int, int]]) -> dict[int, str]:
+    """Names of the sampler's threads by serial: `live` pairs each living one's serial with
+    its ident, which `threading` names; the others' names are remembered from earlier calls."""
+    names = {thread.ident: thread.name for thread in threading.enumerate() if thread.ident}
+    for serial, ident in live:
+        if ident in names:
+            _thread_names.pop(serial, None)
+            _thread_names[serial] = names[ident]  # most recently seen last
     while len(_thread_names) > MAX_REMEMBERED_THREADS:
         del _thread_names[next(iter(_thread_names))]
-    return {ident: _thread_names.get(ident, f"thread {ident}") for ident in idents}
+    return {serial: _thread_names.get(serial, f"thread #{serial}") for serial in serials}

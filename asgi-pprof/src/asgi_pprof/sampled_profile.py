@@ -144,7 +144,7 @@ def encode(profile: SampledProfile, name: str) -> bytes:
     used: dict[int, Location] = {}
     encoded_stacks: dict[int, bytes] = {}
     label_fields: dict[tuple[int, int, int], bytes] = {}  # by label set, thread, block size
-    threads = labels.thread_names({record.thread for record in profile.records.values()} - {0})
+    threads = sampling.thread_names({record.thread for record in profile.records.values()} - {0})
     for key, values in ordered:
         record = profile.records[key]
         location_ids = encoded_stacks.get(record.stack_id)
@@ -221,7 +221,7 @@ def _render_text(heap: SampledHeap) -> str:
         f"@ heap/{2 * heap.rate}"
     ]
     tables = sampling.sampled_stacks()
-    threads = labels.thread_names({record.thread for record in records} - {0})
+    threads = sampling.thread_names({record.thread for record in records} - {0})
     for record in records:
         addresses, frames = tables.legacy_stack(record.stack_id, record.stack)
         head = f"{record.inuse}: {record.inuse_bytes} [{record.allocs}: {record.alloc_bytes}]"

@@ -273,6 +273,12 @@ def size_class(size: int) -> int:
     return 32 + (bits - 9) * 8 + (size - 1 - (1 << bits)) // (1 << (bits - 3)) + 1
 
 
+def thread_names(serials: set[int]) -> dict[int, str]:
+    """The names of the sampler's threads (records keep a thread's serial)."""
+    live = _memprof.threads() if _memprof is not None else []
+    return labels.thread_names(serials, live)
+
+
 def sampled_stacks() -> SampledStacks:
     """The names of the sampler's numbers as of the last capture."""
     return _stacks
