@@ -1,6 +1,7 @@
 """The leaker service: Form3's Go memory-leak demo, in Python.
 
-`GET /` answers `OK`. Every request passes through OpenTelemetry's ASGI wrapper, which records a
+`GET /` answers `OK`, `GET /orders/{order_id}` names the order. Every request passes through
+OpenTelemetry's ASGI wrapper, which records a
 SERVER span (exported to Zipkin) and creates its HTTP metric instruments. No meter provider is
 configured, so those instruments land on OpenTelemetry's global *proxy* meter provider, which keeps
 every meter and instrument it is ever asked for.
@@ -9,6 +10,11 @@ every meter and instrument it is ever asked for.
   request adds a meter, three histograms and one up-down counter to the proxy provider (see
   branches.md). Memory grows forever.
 - LEAK_MODE=fixed (the Go repo's `fixed-leak`): the wrapper is built once, at startup.
+
+A second leak, for labels to find: every route shares a FastAPI dependency that remembers the
+last visit's headers. Keyed by path (leaky), it keeps an entry per order ever asked for; keyed by
+route template (fixed), one per route. Its allocations have one stack whichever route asked: only
+the `http.route` label on each sample (PPROF_LABELS) tells `/orders/{order_id}` from `/`.
 
 `/metrics` is for Prometheus; `/debug/pprof/` serves heap profiles that lead back to this file.
 PPROF_HEAP_PROFILER=sampling starts Go's kind of heap profiler with the app, nearly free.
@@ -20,7 +26,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,7 +50,7 @@ class OpenTelemetryPerRequest:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    if settings.pprof_enabled and settings.heap_profiler == "sampling":
+    if _sampled(settings):
         _start_sampling(settings)  # first: what the app allocates from here on is sampled
     tracer_provider = configure_tracing(settings)
 
@@ -60,15 +66,32 @@ def create_app(settings: Settings) -> FastAPI:
         # were cancelled just before this: unless their clean-up waits, their spans have ended.
         shutdown_tracing(tracer_provider)
 
+    last_visits: dict[str, dict[str, str]] = {}  # the last visit's headers, by path or route
+
+    def remember_visit(request: Request) -> None:  # every route's: one stack for all of them
+        if settings.leak_mode == "leaky":
+            last_visits[request.url.path] = dict(request.headers)  # the second leak
+        else:
+            last_visits[request.scope["route"].path] = dict(request.headers)  # fixed: per route
+
     # FastAPI's native telemetry would add a second SERVER span per request.
     no_telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
     app = FastAPI(
-        telemetry=no_telemetry, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        telemetry=no_telemetry,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(remember_visit)],
     )
 
     @app.get("/", response_class=PlainTextResponse)
     async def ok() -> str:
         return "OK\n"
+
+    @app.get("/orders/{order_id}", response_class=PlainTextResponse)
+    async def order(order_id: int) -> str:
+        return f"order {order_id}\n"
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -82,7 +105,13 @@ def create_app(settings: Settings) -> FastAPI:
     else:
         app.add_middleware(OpenTelemetryMiddleware)  # the fix: one wrapper, built once at startup
     app.add_middleware(AnswerWhenCancelled)  # at shutdown: a 503 for a profile cut short
+    if _sampled(settings) and settings.pprof_labels:
+        app.add_middleware(asgi_pprof.LabelMiddleware)  # outermost: every allocation labelled
     return app
+
+
+def _sampled(settings: Settings) -> bool:
+    return settings.pprof_enabled and settings.heap_profiler == "sampling"
 
 
 def _start_sampling(settings: Settings) -> None:
@@ -90,7 +119,9 @@ def _start_sampling(settings: Settings) -> None:
         return  # one sampler per process, as one Go runtime
     try:
         asgi_pprof.start_sampling(
-            rate=settings.mem_profile_rate, max_bytes=settings.mem_profile_max_bytes
+            rate=settings.mem_profile_rate,
+            max_bytes=settings.mem_profile_max_bytes,
+            threads=settings.pprof_labels,
         )
     except asgi_pprof.SamplingUnavailable as error:
         # Asked for by name: serving without it would be serving a different profiler unsaid.

@@ -37,6 +37,7 @@ class Settings:
     traces_exporter: str = "zipkin"
     zipkin_endpoint: str = "http://localhost:9411/api/v2/spans"
     pprof_enabled: bool = True
+    pprof_labels: bool = True  # with the sampler: route, method and thread on each sample
     tracemalloc_start: str = "on-demand"
     tracemalloc_frames: int = 8  # the leak's deepest stack reaches app/main.py in 6 frames
     heap_profiler: str = "tracemalloc"
@@ -53,6 +54,7 @@ class Settings:
             ),
             zipkin_endpoint=_url(environ, "OTEL_EXPORTER_ZIPKIN_ENDPOINT", cls.zipkin_endpoint),
             pprof_enabled=_boolean(environ, "PPROF_ENABLED", cls.pprof_enabled),
+            pprof_labels=_boolean(environ, "PPROF_LABELS", cls.pprof_labels),
             tracemalloc_start=_choice(
                 environ, "PPROF_TRACEMALLOC", TRACEMALLOC_STARTS, cls.tracemalloc_start
             ),
@@ -103,6 +105,8 @@ ENVIRONMENT_VARIABLES = {
     "OTEL_TRACES_EXPORTER": f"{', '.join(TRACES_EXPORTERS)} (default: {Settings.traces_exporter})",
     "OTEL_EXPORTER_ZIPKIN_ENDPOINT": f"where spans go (default: {Settings.zipkin_endpoint})",
     "PPROF_ENABLED": "true or false: serve /debug/pprof/ (default: true)",
+    "PPROF_LABELS": "true or false: with the sampler, label each sample with its request's route "
+    "and method and its thread (default: true)",
     "PPROF_TRACEMALLOC": f"{' or '.join(TRACEMALLOC_STARTS)}: tracemalloc traces from the start, "
     f"or during heap windows only (default: {Settings.tracemalloc_start})",
     "PPROF_TRACEMALLOC_FRAMES": "frames kept per traced allocation, 1 to 1000 "

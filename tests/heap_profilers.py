@@ -16,6 +16,13 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
     "none": {},
     "sampling 512 KiB": {"PPROF_HEAP_PROFILER": "sampling", "PPROF_MEM_PROFILE_RATE": "524288"},
     "sampling 64 KiB": {"PPROF_HEAP_PROFILER": "sampling", "PPROF_MEM_PROFILE_RATE": "65536"},
+    # sampling at 512 KiB, with each sample's labels: the route's and method's (LabelMiddleware)
+    # and the thread's; `sampling 512 KiB` has none of them.
+    "labels": {
+        "PPROF_HEAP_PROFILER": "sampling",
+        "PPROF_MEM_PROFILE_RATE": "524288",
+        "PPROF_LABELS": "true",
+    },
     "tracemalloc 1 frame": {"PPROF_TRACEMALLOC": "startup", "PPROF_TRACEMALLOC_FRAMES": "1"},
     "tracemalloc 8 frames": {"PPROF_TRACEMALLOC": "startup", "PPROF_TRACEMALLOC_FRAMES": "8"},
 }
@@ -25,7 +32,8 @@ def start(name: str) -> None:
     """Start configuration `name` in this process."""
     env = CONFIGURATIONS[name]
     if env.get("PPROF_HEAP_PROFILER") == "sampling":
-        asgi_pprof.start_sampling(rate=int(env["PPROF_MEM_PROFILE_RATE"]))
+        labels = env.get("PPROF_LABELS") == "true"
+        asgi_pprof.start_sampling(rate=int(env["PPROF_MEM_PROFILE_RATE"]), threads=labels)
     elif "PPROF_TRACEMALLOC_FRAMES" in env:
         tracemalloc.start(int(env["PPROF_TRACEMALLOC_FRAMES"]))
 

@@ -188,7 +188,9 @@ def test_a_sampler_that_cannot_start_stops_the_service_with_the_reason(
     """The Docker image once shipped without the C extension and served on, unsampled, with a
     log line nobody read: asked for by name, the sampler runs or the service does not start."""
 
-    def unavailable(rate: int | None = None, max_bytes: int | None = None) -> None:
+    def unavailable(
+        rate: int | None = None, max_bytes: int | None = None, threads: bool = True
+    ) -> None:
         raise asgi_pprof.SamplingUnavailable("the C extension asgi_pprof._memprof is not installed")
 
     monkeypatch.setattr(asgi_pprof.sampling, "is_running", lambda: False)
