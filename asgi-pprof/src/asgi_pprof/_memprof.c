@@ -124,12 +124,12 @@ typedef struct stack {
     uint16_t nframe;
     uint8_t kind, own, reported;
     location_t *frames[];      /* leaf first */
-} stack_t;
+} call_stack_t;
 
 /* Go's bucket: one stack, size class, label set and thread. */
 typedef struct record {
     node_t node;
-    stack_t *stack;
+    call_stack_t *stack;
     uint32_t size_class, label;
     uint64_t thread;
     uint64_t allocs, frees;              /* sampled blocks allocated since start, and freed */
@@ -153,7 +153,7 @@ typedef struct {
 
 typedef struct {
     index_t functions, locations, stacks, records, blocks;
-    stack_t *special[NKINDS];            /* the stacks of the kinds without frames */
+    call_stack_t *special[NKINDS];            /* the stacks of the kinds without frames */
     frame_cache_t *frame_cache;          /* FRAME_CACHE_SLOTS, direct-mapped */
     record_t *folded, *table_full;
     id_list_t dead_functions, dead_locations, dead_stacks;
@@ -593,14 +593,14 @@ drop_location(location_t *location)
 static size_t
 stack_bytes(uint16_t nframe)
 {
-    return sizeof(stack_t) + nframe * sizeof(location_t *);
+    return sizeof(call_stack_t) + nframe * sizeof(location_t *);
 }
 
-static stack_t *
+static call_stack_t *
 new_stack(uint64_t hash, uint8_t kind, location_t **frames, int nframe)
 {
     tables_t *t = &sampler.tables;
-    stack_t *stack = own_calloc(1, stack_bytes((uint16_t)nframe));
+    call_stack_t *stack = own_calloc(1, stack_bytes((uint16_t)nframe));
     if (stack == NULL) {
         return NULL;
     }
@@ -617,7 +617,7 @@ new_stack(uint64_t hash, uint8_t kind, location_t **frames, int nframe)
     return stack;
 }
 
-static stack_t *
+static call_stack_t *
 intern_stack(location_t **frames, int nframe)
 {
     tables_t *t = &sampler.tables;
@@ -626,7 +626,7 @@ intern_stack(location_t **frames, int nframe)
         hash = mix64(hash ^ frames[i]->id);
     }
     for (node_t *node = index_first(&t->stacks, hash); node != NULL; node = node->next) {
-        stack_t *stack = (stack_t *)node;
+        call_stack_t *stack = (call_stack_t *)node;
         if (node->hash == hash && stack->kind == STACK_FRAMES && stack->nframe == nframe &&
                 memcmp(stack->frames, frames, nframe * sizeof(location_t *)) == 0) {
             return stack;
@@ -636,7 +636,7 @@ intern_stack(location_t **frames, int nframe)
 }
 
 static void
-drop_stack(stack_t *stack)
+drop_stack(call_stack_t *stack)
 {
     tables_t *t = &sampler.tables;
     if (stack->reported) {
@@ -678,7 +678,7 @@ static void
 sweep_unheld(void)
 {
     tables_t *t = &sampler.tables;
-    sweep_index(&t->stacks, drop_stack_entry, offsetof(stack_t, refs));
+    sweep_index(&t->stacks, drop_stack_entry, offsetof(call_stack_t, refs));
     sweep_index(&t->locations, drop_location_entry, offsetof(location_t, refs));
     sweep_index(&t->functions, drop_function_entry, offsetof(function_t, refs));
 }
@@ -687,13 +687,13 @@ sweep_unheld(void)
 /* ---- records, live blocks and the filter ---------------------------------------------------- */
 
 static uint64_t
-record_hash(const stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
+record_hash(const call_stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
 {
     return mix64(mix64(((uint64_t)stack->id << 32) ^ size_class) ^ mix64(label + thread * 31));
 }
 
 static record_t *
-new_record(stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
+new_record(call_stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
 {
     tables_t *t = &sampler.tables;
     record_t *record = own_calloc(1, sizeof(record_t));
@@ -712,7 +712,7 @@ new_record(stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
 }
 
 static record_t *
-find_record(stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
+find_record(call_stack_t *stack, uint32_t size_class, uint32_t label, uint64_t thread)
 {
     uint64_t hash = record_hash(stack, size_class, label, thread);
     for (node_t *node = index_first(&sampler.tables.records, hash); node; node = node->next) {
@@ -729,7 +729,7 @@ static void
 remove_record(record_t *record)
 {
     index_remove(&sampler.tables.records, &record->node);
-    stack_t *stack = record->stack;
+    call_stack_t *stack = record->stack;
     own_free(record, sizeof(record_t));
     if (--stack->refs == 0 && stack->kind == STACK_FRAMES && !stack->own) {
         drop_stack(stack);
@@ -951,7 +951,7 @@ location_of(const frame_read_t *frame)
 
 /* The stack of the frames read, interned (the lock held); NULL if there is no room for it. What
    was made before the room ran out stays, unheld, until the next sweep. */
-static stack_t *
+static call_stack_t *
 stack_of(const frame_read_t *read, int nframe)
 {
     location_t *frames[MAX_FRAMES];
@@ -974,7 +974,7 @@ record_sample(uintptr_t address, size_t size, const frame_read_t *read, int nfra
     if (__atomic_load_n(&sampler.filter[filter_slot(address)], __ATOMIC_RELAXED)) {
         forget_sampled_block(address);
     }
-    stack_t *stack = t->special[kind];
+    call_stack_t *stack = t->special[kind];
     if (kind == STACK_FRAMES) {
         stack = stack_of(read, nframe);
         if (stack == NULL && make_room()) {
@@ -1656,7 +1656,7 @@ copy_tables(buffer_t *out, int *resync)
     index_t *stacks = &t->stacks;
     for (size_t i = 0; i < stacks->nbuckets; i++) {
         for (node_t *node = stacks->buckets[i]; node != NULL; node = node->next) {
-            stack_t *s = (stack_t *)node;
+            call_stack_t *s = (call_stack_t *)node;
             if (s->reported && !all) {
                 continue;
             }
