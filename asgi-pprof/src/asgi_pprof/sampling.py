@@ -18,6 +18,7 @@ SamplingUnavailable with the reason, and the tracemalloc profile works as before
 from __future__ import annotations
 
 import gc
+import importlib.util
 import math
 import os
 import struct
@@ -36,6 +37,11 @@ try:
     from asgi_pprof import _memprof
 except ImportError as error:  # not built, or an interpreter it does not support
     _memprof = None
+    if importlib.util.find_spec("asgi_pprof._memprof") is None:
+        error = ImportError(
+            "its C extension asgi_pprof._memprof is not installed (pip builds it where a C "
+            "compiler and Python's headers are found; without them the library installs without it)"
+        )
     _UNAVAILABLE_REASON = f"the sampling heap profiler is not available: {error}"
 else:
     _UNAVAILABLE_REASON = ""
