@@ -37,12 +37,12 @@ try:
     from asgi_pprof import _memprof
 except ImportError as error:  # not built, or an interpreter it does not support
     _memprof = None
-    if importlib.util.find_spec("asgi_pprof._memprof") is None:
-        error = ImportError(
-            "its C extension asgi_pprof._memprof is not installed (pip builds it where a C "
-            "compiler and Python's headers are found; without them the library installs without it)"
-        )
-    _UNAVAILABLE_REASON = f"the sampling heap profiler is not available: {error}"
+    _UNAVAILABLE_REASON = "the sampling heap profiler is not available: " + (
+        str(error)
+        if importlib.util.find_spec("asgi_pprof._memprof") is not None
+        else "its C extension asgi_pprof._memprof is not installed (pip builds it where a C "
+        "compiler and Python's headers are found; without them the library installs without it)"
+    )
 else:
     _UNAVAILABLE_REASON = ""
 
