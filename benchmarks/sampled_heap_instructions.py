@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -59,7 +60,10 @@ def instructions(configuration: str, workload: str, count: int, threads: int = 1
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, __file__, "--worker", configuration, workload, str(count), str(threads),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    # Python randomizes str hashes per process: dict probes, and so instruction counts, would vary
+    # from run to run by a percent. One seed makes every run count the same.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     match = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or not match:
         raise RuntimeError(f"callgrind failed:\n{result.stderr[-3000:]}")

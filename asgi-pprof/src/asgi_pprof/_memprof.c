@@ -1147,20 +1147,20 @@ note_raw_allocation(int domain)
     }
 }
 
-static inline void *
-hook_malloc(int domain, size_t size)
+/* The slow paths, apart: the common path then has no frame of its own to set up. */
+static __attribute__((noinline)) void *
+malloc_and_sample(int domain, size_t size)
 {
     PyMemAllocatorEx *alloc = &hooks[domain].wrapped;
     void *ptr = alloc->malloc(alloc->ctx, size);
     if (ptr != NULL) {
-        note_raw_allocation(domain);
-        count_allocation(domain, ptr, size);
+        sample_allocation(domain, ptr, size);
     }
     return ptr;
 }
 
-static inline void *
-hook_calloc(int domain, size_t nelem, size_t elsize)
+static __attribute__((noinline)) void *
+calloc_and_sample(int domain, size_t nelem, size_t elsize)
 {
     PyMemAllocatorEx *alloc = &hooks[domain].wrapped;
     if (elsize != 0 && nelem > SIZE_MAX / elsize) {
@@ -1168,10 +1168,41 @@ hook_calloc(int domain, size_t nelem, size_t elsize)
     }
     void *ptr = alloc->calloc(alloc->ctx, nelem, elsize);
     if (ptr != NULL) {
-        note_raw_allocation(domain);
-        count_allocation(domain, ptr, nelem * elsize);
+        sample_allocation(domain, ptr, nelem * elsize);
     }
     return ptr;
+}
+
+/* The countdown is checked before allocating, so that the common case ends in a tail call to
+   the wrapped allocator. A failed allocation still counts towards the next sample: rare, and no
+   bias. */
+static inline void *
+hook_malloc(int domain, size_t size)
+{
+    PyMemAllocatorEx *alloc = &hooks[domain].wrapped;
+    thread_state_t *t = &thread_state;
+    note_raw_allocation(domain);
+    if (size < t->bytes_until_sample) {
+        t->bytes_until_sample -= size;
+        return alloc->malloc(alloc->ctx, size);
+    }
+    return malloc_and_sample(domain, size);
+}
+
+static inline void *
+hook_calloc(int domain, size_t nelem, size_t elsize)
+{
+    PyMemAllocatorEx *alloc = &hooks[domain].wrapped;
+    thread_state_t *t = &thread_state;
+    note_raw_allocation(domain);
+    if (elsize == 0 || nelem <= SIZE_MAX / elsize) {  /* else: overflow, refused on the slow path */
+        size_t size = nelem * elsize;
+        if (size < t->bytes_until_sample) {
+            t->bytes_until_sample -= size;
+            return alloc->calloc(alloc->ctx, nelem, elsize);
+        }
+    }
+    return calloc_and_sample(domain, nelem, elsize);
 }
 
 static inline void *
@@ -1191,7 +1222,7 @@ hook_realloc(int domain, void *ptr, size_t new_size)
     if (new_ptr == NULL) {
         return NULL;  /* failed: the old block is still there, and still ours */
     }
-    note_raw_allocation(domain);
+    note_raw_allocation(domain);  /* (its own new block, when pymalloc passed it a realloc) */
     if (outer && t->raw_handled) {
         /* pymalloc moved the block to or within the raw domain, whose hook counted the new one
            (and forgot the old one if it was raw's). A small old block is gone too. */
