@@ -168,7 +168,7 @@ def test_a_reloaded_module_keeps_two_functions_at_one_line_apart(
     module = importlib.import_module("reloaded_module")
     sampling.start(rate=1)
     keep = [module.before()]
-    path.write_text(MODULE_AFTER + "\n")  # another size: the import system sees the change
+    path.write_text(MODULE_AFTER + "# reloaded\n")  # another size: the import system sees it
     importlib.invalidate_caches()
     module = importlib.reload(module)
     keep.append(module.after())
