@@ -7,8 +7,8 @@ Needs a Docker engine at DOCKER_HOST and Compose (.ci/run starts one; see the RE
 images (`.ci/stand-ins/build` where no registry answers). It brings the stack up under its own
 project name with the compose file's defaults, waits, and prints:
 
-- the out-of-memory restarts: when each came after the service first started, and between them
-  (`docker events`);
+- the out-of-memory restarts: when the service started again after it first started, and
+  between restarts;
 - Prometheus's scrapes of the service: all of them, and those outside the restarts (a failed
   scrape is in a restart when the scrapes that succeeded on either side of it saw two different
   processes, by `process_start_time_seconds`), and the longest scrape;
@@ -37,7 +37,6 @@ from tests.stack import (
     client_answered,
     compose_command,
     docker_json,
-    events,
     raw_samples,
     zipkin_received,
 )
@@ -60,21 +59,12 @@ def sawtooth(prometheus: str, minutes: float) -> None:
     print(f"Prometheus's graph: {SAWTOOTH_PNG.relative_to(ROOT)}")
 
 
-def restarts(stack: Stack, since: float, until: float) -> tuple[float, list[float]]:
-    """When the service first started, and when each out-of-memory kill came (Unix times)."""
-    first_start = min(
-        event["timeNano"] / 1e9
-        for event in events(
-            since, until, ["event=start", f"label=com.docker.compose.project={PROJECT}"]
-        )
-        if event["Actor"]["Attributes"].get("com.docker.compose.service") == "leaker"
-    )
-    container = stack.container("leaker")
-    kills = [
-        event["timeNano"] / 1e9
-        for event in events(since, until, ["event=oom", f"container={container}"])
-    ]
-    return first_start, kills
+def process_starts(prometheus: str, since: float, until: float) -> list[float]:
+    """When each of the service's processes started, as it told Prometheus, in order: the first,
+    then one per restart. (Not `docker events`: the engine keeps only its last 256 events, and
+    the health check's make 36 a minute.)"""
+    samples = raw_samples(prometheus, 'process_start_time_seconds{job="leaker"}', since, until)
+    return sorted({value for _, value in samples})
 
 
 def scrape_figures(prometheus: str, start: float, end: float) -> str:
@@ -94,7 +84,7 @@ def scrape_figures(prometheus: str, start: float, end: float) -> str:
         f"scrapes: {len(succeeded)} of {len(up)} successful ({len(succeeded) / len(up):.2%}); "
         f"{in_restarts} failed in restarts; outside the restarts {len(succeeded)} of {outside} "
         f"({len(succeeded) / outside:.2%}); longest scrape "
-        f"{max(value for _, value in durations):.3f} s (timeout 1 s), {slow} over 0.5 s"
+        f"{max(value for _, value in durations):.3f} s, {slow} over 0.5 s"
     )
 
 
@@ -128,22 +118,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"docker compose up --build, {arguments.mode} mode, for {arguments.minutes:g} minutes")
     since = time.time()
     stack.run("up", "--detach", "--build")
-    end = since + arguments.minutes * 60
+    end = time.time() + arguments.minutes * 60  # ten minutes of the stack running
     try:
         time.sleep(max(end - time.time(), 0))
-        first_start, kills = restarts(stack, since, time.time())
-        steps = [kill - before for before, kill in zip([first_start, *kills], kills, strict=False)]
+        prometheus = stack.url("prometheus", "")
+        starts = process_starts(prometheus, since, time.time())
+        first_start = starts[0]
+        steps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+        state = docker_json("inspect", stack.container("leaker"))[0]
         print(
-            f"out-of-memory restarts: {len(kills)}; first {steps[0]:.0f} s after the service "
-            f"started, then every {', '.join(f'{s:.0f}' for s in steps[1:]) or '-'} s"
-            if kills
-            else "out-of-memory restarts: none"
+            f"restarts: {len(steps)} (Docker's RestartCount {state['RestartCount']}, the last "
+            f"one OOMKilled: {state['State']['OOMKilled']}); the service started again "
+            f"{', '.join(f'{step:.0f}' for step in steps) or '-'} s after the one before"
         )
-        print(scrape_figures(stack.url("prometheus", ""), first_start, end))
+        print(scrape_figures(prometheus, first_start, end))
         if shutil.which("chromium"):
-            sawtooth(stack.url("prometheus", ""), arguments.minutes)
+            sawtooth(prometheus, arguments.minutes)
         print(span_figures(stack))
-        limit = docker_json("inspect", stack.container("leaker"))[0]["HostConfig"]["Memory"]
+        limit = state["HostConfig"]["Memory"]
         print(f"memory limit {limit / 2**20:.0f} MiB; measured {time.strftime('%Y-%m-%d')}")
     finally:
         stack.run("down", check=False)
