@@ -43,10 +43,10 @@ demo: venv
 # (scripts/run_tests.sh); the target fails if any step did.
 test: venv
 	@bash scripts/run_tests.sh \
-		"ruff check" "$(BIN)/ruff check ." \
-		"ruff format" "$(BIN)/ruff format --check ." \
-		"project tests" "$(BIN)/pytest $(PYTEST_ARGS)" \
-		"library tests" "cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)"
+		"ruff check" '$(BIN)/ruff check .' \
+		"ruff format" '$(BIN)/ruff format --check .' \
+		"project tests" '$(BIN)/pytest $(PYTEST_ARGS)' \
+		"library tests" 'cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)'
 
 serve: venv
 	$(BIN)/leaker serve $(SERVE_ARGS)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from scripts.screenshots import screenshot
 from tests.stack import (
     ROOT,
+    EngineUnavailable,
     Stack,
     client_answered,
     compose_command,
@@ -113,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--mode", choices=("leaky", "fixed"), default="leaky")
     arguments = parser.parse_args(argv)
-    stack = Stack(compose_command(), environ={"LEAK_MODE": arguments.mode}, project=PROJECT)
+    try:
+        compose = compose_command()
+    except EngineUnavailable as error:
+        raise SystemExit(f"workshop_stack: {error} (see the README's workshop section)") from None
+    stack = Stack(compose, environ={"LEAK_MODE": arguments.mode}, project=PROJECT)
     stack.run("down", "--remove-orphans")
     print(f"docker compose up --build, {arguments.mode} mode, for {arguments.minutes:g} minutes")
     since = time.time()
