@@ -10,8 +10,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LIBRARY := asgi-pprof
 LIBRARY_STAMP := $(VENV)/.installed-$(LIBRARY)
+# Not what building it leaves in src/ (*.egg-info), which would make every run reinstall it.
 LIBRARY_FILES := $(shell find $(LIBRARY)/pyproject.toml $(LIBRARY)/setup.py $(LIBRARY)/src \
-	-type f -not -path '*/__pycache__/*' 2>/dev/null)
+	-type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' 2>/dev/null)
 PINNED := requirements.txt requirements-dev.txt pyproject.toml
 BENCHMARKS := $(sort $(wildcard benchmarks/*.py))
 
@@ -22,12 +23,14 @@ venv: $(LIBRARY_STAMP)
 # pip installs over an existing .venv: delete .venv to drop a package the lock no longer has.
 # Doubly quiet: errors only (pip and setuptools warn on every editable install).
 $(STAMP): $(PINNED)
+	@echo "== installing the pinned packages into $(VENV) (about half a minute the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP) $(LIBRARY_STAMP)
 
 $(LIBRARY_STAMP): $(STAMP) $(LIBRARY_FILES)
+	@echo "== installing the profiler library from $(LIBRARY)/ (compiles its C extension)"
 	$(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check --no-deps \
 		--force-reinstall ./$(LIBRARY)
 	touch $(LIBRARY_STAMP)
@@ -36,11 +39,14 @@ demo: venv
 	$(BIN)/leaker demo $(DEMO_ARGS)
 
 # The library's suite runs on its own, from its folder, as it would outside this repository.
+# Every step runs even if one before it failed, and the last lines recap them all
+# (scripts/run_tests.sh); the target fails if any step did.
 test: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/pytest $(PYTEST_ARGS)
-	cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)
+	@bash scripts/run_tests.sh \
+		"ruff check" '$(BIN)/ruff check .' \
+		"ruff format" '$(BIN)/ruff format --check .' \
+		"project tests" '$(BIN)/pytest $(PYTEST_ARGS)' \
+		"library tests" 'cd $(LIBRARY) && ../$(BIN)/pytest $(PYTEST_ARGS)'
 
 # The library's suite on every Python it supports, each in a venv of its own as a user installs
 # it (3.11 to 3.14, free-threaded 3.13t): .ci/pythons finds or builds them (root, for 3.13t and

@@ -31,8 +31,15 @@ from app.settings import Settings
 
 logger = logging.getLogger("leaker.tracing")
 
-# Spans waiting for export; when Zipkin is down, new spans beyond this are dropped, not kept.
-MAX_QUEUED_SPANS = 2048
+# Sized for the workshop stack's rate: its client makes about 700 requests a second in leaky mode
+# and 1,000 in fixed, three spans each (the SERVER span and two `http send`), so 2,000 to 3,000
+# spans a second. The batch processor exports when 512 are queued, but the SDK can miss that
+# wake-up (it clears its event after the export loop, while new spans may have set it), and then
+# sleeps its schedule delay: 5 s by default, 10,000 spans here, which overflowed the 2,048 queue
+# (spans dropped in both modes). A 0.5 s delay bounds a missed wake-up to 1,500 spans, inside the
+# queue. When Zipkin is down the queue fills: 4,096 spans, about 12 MB, and then spans are dropped.
+MAX_QUEUED_SPANS = 4096
+EXPORT_SCHEDULE_DELAY_MILLIS = 500
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
 EXPORT_TIMEOUT_SECONDS = 2  # for one batch; Zipkin answers a local POST in milliseconds
 # Docker kills 10 s after its SIGTERM; `leaker serve` waits 1 s for open requests before this.
@@ -176,6 +183,11 @@ def configure_tracing(settings: Settings) -> TracerProvider:
     elif settings.traces_exporter == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=MAX_QUEUED_SPANS))
+        processor = BatchSpanProcessor(
+            exporter,
+            max_queue_size=MAX_QUEUED_SPANS,
+            schedule_delay_millis=EXPORT_SCHEDULE_DELAY_MILLIS,
+        )
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     return provider

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -108,6 +110,7 @@ class Stack:
     compose: list[str]
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))  # on 127.0.0.1
     environ: dict[str, str] = field(default_factory=dict)  # compose variables for the next step
+    project: str = PROJECT
 
     def url(self, service: str, path: str = "/") -> str:
         return f"http://localhost:{self.ports[service]}{path}"
@@ -117,7 +120,7 @@ class Stack:
     ) -> subprocess.CompletedProcess[str]:
         environ = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
         environ.update({PORT_VARIABLES[s]: str(port) for s, port in self.ports.items()})
-        environ.update(self.environ, COMPOSE_PROJECT_NAME=PROJECT)
+        environ.update(self.environ, COMPOSE_PROJECT_NAME=self.project)
         result = subprocess.run(
             [*self.compose, *arguments],
             cwd=ROOT,
@@ -224,3 +227,32 @@ def zipkin_span_names(zipkin: str, service: str) -> set[str]:
     """Every span name Zipkin holds for `service`, lowercase (as Zipkin keeps them)."""
     parameters = urllib.parse.urlencode({"serviceName": service})
     return {name.lower() for name in get_json(f"{zipkin}/api/v2/spans?{parameters}")}
+
+
+def zipkin_received(zipkin: str) -> dict[str, Any] | None:
+    """The Zipkin stand-in's counts of what it stored (.ci/stand-ins/zipkin_stand_in.py); None
+    from a real Zipkin, which has no such API."""
+    try:
+        return get_json(f"{zipkin}/stand-in/received")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+
+
+# -- The client ---------------------------------------------------------------------------------
+
+
+def client_answered(logs: str) -> tuple[int, int]:
+    """2xx answers the client counted, over every round in its logs, and the number of rounds.
+
+    Each `leaker load` round ends with its summary, `statuses:    200: 41873`, also when
+    `compose stop` ends it (the client's shell passes SIGTERM on)."""
+    rounds = re.findall(r"^.*statuses: +(.*)$", logs, re.MULTILINE)
+    answered = sum(
+        int(count)
+        for statuses in rounds
+        for status, count in re.findall(r"(\d+): (\d+)", statuses)
+        if status.startswith("2")
+    )
+    return answered, len(rounds)

@@ -177,3 +177,23 @@ def test_both_heap_profilers_name_the_leak_among_their_first_rows() -> None:
         rows = "\n".join(top_rows(GENERATED / name)[:6])
         for function in ("_ProxyMeter.create_histogram", "_ProxyMeterProvider.get_meter"):
             assert function in rows, (name, function)
+
+
+LEAK_MARK = "# the leak"  # the comment on each leaking line of app/main.py
+# `app/main.py:43`, `.../app/main.py:43`, or "`app/main.py`, line 43" as the tutorial says it.
+MAIN_PY_LINE = re.compile(r"app/main\.py(?::|`?, line )(\d+)")
+
+
+def test_every_line_of_main_py_the_docs_cite_is_a_leaking_line() -> None:
+    lines = (ROOT / "app" / "main.py").read_text().splitlines()
+    leaking = {number for number, line in enumerate(lines, 1) if line.endswith(LEAK_MARK)}
+    assert leaking, f"no line of app/main.py ends with {LEAK_MARK!r}"
+    documents = ["README.md", "branches.md", "docs/tutorial.template.md", "docs/tutorial.md"]
+    cited = {
+        (document, int(number))
+        for document in documents
+        for number in MAIN_PY_LINE.findall((ROOT / document).read_text())
+    }
+    assert {document for document, _ in cited} >= {"README.md", "branches.md", "docs/tutorial.md"}
+    wrong = sorted((document, number) for document, number in cited if number not in leaking)
+    assert wrong == [], f"cited lines of app/main.py that are not {sorted(leaking)}"

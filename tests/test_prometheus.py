@@ -35,7 +35,7 @@ MIN_LEAKY_RISE_BYTES = 5 * 2**20
 # Fixed mode's RSS moves by a few hundred KB at most; a quarter of leaky's rise is far above that.
 MAX_FIXED_SHARE_OF_LEAKY_RISE = 0.25
 STARTUP_TIMEOUT_SECONDS = 60.0
-SAMPLE_TIMEOUT_SECONDS = 30.0  # the config scrapes every second
+SAMPLE_TIMEOUT_SECONDS = 30.0  # the config scrapes every 2 s
 
 
 def scrape_config_for(targets: dict[str, str]) -> dict[str, Any]:

@@ -436,3 +436,20 @@ def test_branches_diff_and_citations_match_the_code() -> None:
         "self._instruments.append(proxy)",
     ):
         assert cited in source, cited
+
+
+def test_the_pprof_ui_reads_the_source_the_service_runs(services: dict[str, Any]) -> None:
+    """Its source view: the profile names files where the image installs them (site-packages of
+    the image's Python), which pprof trims to find them under -source_path, where the compose file
+    mounts the service's code."""
+    pprof_dockerfile = ROOT / "pprof" / "Dockerfile"
+    entrypoint = json.loads(
+        only([i.arguments for i in read_dockerfile(pprof_dockerfile) if i.keyword == "ENTRYPOINT"])
+    )
+    flags = dict(flag.partition("=")[::2] for flag in entrypoint if flag.startswith("-"))
+    python = re.fullmatch(r"python:(\d+\.\d+)\.\d+-slim-bookworm", base_images()[-1])
+    assert python, base_images()
+    assert flags["-trim_path"] == f"/usr/local/lib/python{python[1]}/site-packages"
+    assert f"./app:{flags['-source_path']}/app:ro" in services["pprof"]["volumes"]
+    # The first page is the growth over a minute (not the heap at startup), at line level.
+    assert flags["-seconds"] == "60" and "-lines" in flags

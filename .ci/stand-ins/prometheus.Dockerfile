@@ -1,9 +1,10 @@
 # Stand-in for prom/prometheus: Debian's prometheus binary (the same release) laid out as the
 # official image has it: /bin/prometheus, its config at /etc/prometheus/prometheus.yml, data in
-# /prometheus, run as nobody.
+# /prometheus, run as nobody; and the web UI's files where Debian's binary looks for them.
 ARG ROOTFS
 FROM ${ROOTFS}
 COPY prometheus /bin/prometheus
+COPY web /usr/share/prometheus/web
 COPY prometheus.yml /etc/prometheus/prometheus.yml
 RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus
 USER nobody
