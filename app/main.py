@@ -1,20 +1,14 @@
 """The leaker service: Form3's Go memory-leak demo, in Python.
 
-`GET /` answers `OK`, `GET /orders/{order_id}` names the order. Every request passes through
-OpenTelemetry's ASGI wrapper, which records a
-SERVER span (exported to Zipkin) and creates its HTTP metric instruments. No meter provider is
-configured, so those instruments land on OpenTelemetry's global *proxy* meter provider, which keeps
-every meter and instrument it is ever asked for.
+`GET /` answers `OK` (`GET /orders/{id}`, its order). Every request passes through OpenTelemetry's
+ASGI wrapper, which records a SERVER span (exported to Zipkin) and creates its HTTP metric
+instruments. No meter provider is configured, so they land on OpenTelemetry's global *proxy*
+meter provider, which keeps every meter and instrument it is ever asked for.
 
 - LEAK_MODE=leaky (the Go repo's `master`): the wrapper is built anew on every request, so every
   request adds a meter, three histograms and one up-down counter to the proxy provider (see
-  branches.md). Memory grows forever.
+  branches.md). Memory grows forever. And a second leak, for labels to find (remember_visit).
 - LEAK_MODE=fixed (the Go repo's `fixed-leak`): the wrapper is built once, at startup.
-
-A second leak, for labels to find: every route shares a FastAPI dependency that remembers the
-last visit's headers. Keyed by path (leaky), it keeps an entry per order ever asked for; keyed by
-route template (fixed), one per route. Its allocations have one stack whichever route asked: only
-the `http.route` label on each sample (PPROF_LABELS) tells `/orders/{order_id}` from `/`.
 
 `/metrics` is for Prometheus; `/debug/pprof/` serves heap profiles that lead back to this file.
 PPROF_HEAP_PROFILER=sampling starts Go's kind of heap profiler with the app, nearly free.
@@ -66,9 +60,12 @@ def create_app(settings: Settings) -> FastAPI:
         # were cancelled just before this: unless their clean-up waits, their spans have ended.
         shutdown_tracing(tracer_provider)
 
-    last_visits: dict[str, dict[str, str]] = {}  # the last visit's headers, by path or route
+    # The second leak: every route shares this dependency, so its allocations have one stack
+    # whichever route asked; only the `http.route` label on their samples names the route.
+    # Keyed by path (leaky), it keeps an entry per order ever asked for; by route (fixed), one.
+    last_visits: dict[str, dict[str, str]] = {}
 
-    def remember_visit(request: Request) -> None:  # every route's: one stack for all of them
+    def remember_visit(request: Request) -> None:
         if settings.leak_mode == "leaky":
             last_visits[request.url.path] = dict(request.headers)  # the second leak
         else:
