@@ -3,13 +3,16 @@
     PYTHONPATH=. .venv/bin/python benchmarks/sampled_heap_accuracy.py [--runs 10] [--requests 5000]
         [--library DIR]
 
-Each run is a fresh process with an in-process leaky app (plain ASGI calls, no trace export): after
-a warm-up, the sampler starts at the rate under test, then tracemalloc (8 frames) wraps it, so
-both see the same allocations. Over N requests the leak is what grew in blocks allocated under
-OpenTelemetry's proxy meter (a frame `opentelemetry.metrics._internal._Proxy*` among the first 8):
-exactly, from tracemalloc's snapshots; estimated, from the sampled heap profiles' growth
-(inuse_space, unsampled as pprof shows it). Printed: each run's estimate / exact, and per rate the
-mean, standard deviation and range of that ratio, and the leak's samples per run.
+Each run is two fresh processes with an in-process leaky app (plain ASGI calls, no trace export),
+the same deterministic requests: in one, tracemalloc (8 frames) measures the leak exactly; in the
+other, the sampler at the rate under test estimates it. (Not both in one process: tracemalloc
+keeps its traces in memory it asks of the raw allocator it wraps, the sampler's, which would count
+them as the program's.) Over N requests after a warm-up, the leak is what grew in blocks
+allocated under OpenTelemetry's proxy meter (a frame `opentelemetry.metrics._internal._Proxy*`
+among the first 8): exactly, from tracemalloc's snapshots; estimated, from the sampled heap
+profiles' growth (inuse_space, unsampled as pprof shows it). Printed: each run's estimate /
+exact, and per rate the mean, standard deviation and range of that ratio, and the leak's samples
+per run.
 
 tracemalloc also traces the raw domain (PyMem_RawMalloc), where this leak's locks keep their
 native semaphores; the sampler hooks it too (a sampler built before it did can be measured with
@@ -67,13 +70,19 @@ def worker(rate: int, requests: int) -> dict[str, float]:
 
     app = create_app(Settings(leak_mode="leaky", traces_exporter="none"))
     asyncio.run(drive(app, WARMUP_REQUESTS))
+    if rate == 0:  # the exact figure, from tracemalloc alone
+        tracemalloc.start(FRAMES)
+        gc.collect()
+        traced_before = tracemalloc.take_snapshot()
+        asyncio.run(drive(app, requests))
+        gc.collect()
+        return {"exact": exact(tracemalloc.take_snapshot()) - exact(traced_before)}
     sampling.start(rate=rate)
-    tracemalloc.start(FRAMES)
     gc.collect()
-    heap_before, traced_before = sampling.capture(), tracemalloc.take_snapshot()
+    heap_before = sampling.capture()
     asyncio.run(drive(app, requests))
     gc.collect()
-    heap_after, traced_after = sampling.capture(), tracemalloc.take_snapshot()
+    heap_after = sampling.capture()
     growth = sampled_profile.delta(
         sampled_profile.unsampled(heap_after), sampled_profile.unsampled(heap_before)
     )
@@ -83,8 +92,12 @@ def worker(rate: int, requests: int) -> dict[str, float]:
     }
     after, before = inuse(heap_after), inuse(heap_before)
     samples = sum(n - before.get(key, 0) for key, n in after.items() if through_proxy(stacks[key]))
-    return {"exact": exact(traced_after) - exact(traced_before), "estimate": estimate,
-            "samples": samples}  # fmt: skip
+    return {"estimate": estimate, "samples": samples}
+
+
+def measure(rate: int, requests: int, env: dict[str, str]) -> dict[str, float]:
+    command = [sys.executable, __file__, "--worker", str(rate), "--requests", str(requests)]
+    return json.loads(subprocess.run(command, capture_output=True, check=True, env=env).stdout)
 
 
 def main() -> int:
@@ -92,36 +105,33 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rates", type=int, nargs="+", default=[524288, 65536])
-    parser.add_argument("--worker", type=int, metavar="RATE")
+    parser.add_argument("--worker", type=int, metavar="RATE", help="0: tracemalloc's exact figure")
     parser.add_argument("--library", help="a folder holding another build's asgi_pprof package")
     args = parser.parse_args()
     env = dict(os.environ)
     if args.library:
         env["PYTHONPATH"] = os.pathsep.join([args.library, env.get("PYTHONPATH", "")])
-    if args.worker:
+    if args.worker is not None:
         print(json.dumps(worker(args.worker, args.requests)))
         return 0
     ratios: dict[int, list[float]] = {rate: [] for rate in args.rates}
     samples: dict[int, list[float]] = {rate: [] for rate in args.rates}
     for run in range(args.runs):
+        exact = measure(0, args.requests, env)["exact"]
         for rate in args.rates:  # interleaved
-            command = [sys.executable, __file__, "--worker", str(rate), "--requests",
-                       str(args.requests)]  # fmt: skip
-            run_ = subprocess.run(command, capture_output=True, check=True, env=env)
-            result = json.loads(run_.stdout)
-            ratios[rate].append(result["estimate"] / result["exact"])
+            result = measure(rate, args.requests, env)
+            ratios[rate].append(result["estimate"] / exact)
             samples[rate].append(result["samples"])
-            print(f"run {run + 1}, rate {rate}: exact {result['exact']:.0f} B, estimate "
+            print(f"run {run + 1}, rate {rate}: exact {exact:.0f} B, estimate "
                   f"{result['estimate']:.0f} B, ratio {ratios[rate][-1]:.3f}, "
                   f"{result['samples']:.0f} samples", flush=True)  # fmt: skip
     print(f"\n| rate | leak over {args.requests} requests: estimate / exact, mean | std dev | "
           "lowest | highest | samples per run |")  # fmt: skip
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    command = [sys.executable, __file__, "--worker", "1", "--requests", str(args.requests // 10)]
-    reference = json.loads(subprocess.run(command, capture_output=True, check=True, env=env).stdout)
-    visible = reference["estimate"] / reference["exact"]
-    print(f"rate 1 over {args.requests // 10} requests: the sampler sees {visible:.3f} of the "
-          "leak's bytes that tracemalloc sees (the rest is in the raw domain)")  # fmt: skip
+    few = args.requests // 10
+    visible = measure(1, few, env)["estimate"] / measure(0, few, env)["exact"]
+    print(f"rate 1 over {few} requests: the sampler sees {visible:.3f} of the leak's bytes that "
+          "tracemalloc sees")  # fmt: skip
     for rate in args.rates:
         values = ratios[rate]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
