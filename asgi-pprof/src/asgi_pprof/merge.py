@@ -1,0 +1,391 @@
+"""One profile.proto from several processes' profiles, each sample labelled with its `pid`.
+
+What `multiproc` answers for a service run as several workers: every worker's `heap`, `allocs`,
+`goroutine` or `profile`, merged as `go tool pprof` merges profiles given together, except that
+samples are never added up across processes: each keeps its worker's `pid` label, so
+`-tagfocus=pid=1234` shows one worker and `-tags` shows how much each holds.
+
+Strings, functions and locations are numbered anew (a function or location that several workers
+share becomes one); samples are copied with their values as encoded, their location ids renumbered
+and their labels re-indexed. Every input must come from this library: one mapping, the same sample
+types.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from asgi_pprof.asgi import Answer, error, text
+from asgi_pprof.asgi import profile as profile_answer
+from asgi_pprof.profile import ProfileBuilder, encode_varints
+from asgi_pprof.protobuf import ProtoWriter, read_fields, read_varint
+
+# profile.proto field numbers: what the merge reads.
+_PROFILE_SAMPLE_TYPE, _PROFILE_SAMPLE, _PROFILE_MAPPING, _PROFILE_LOCATION = 1, 2, 3, 4
+_PROFILE_FUNCTION, _PROFILE_STRING_TABLE = 5, 6
+_PROFILE_TIME_NANOS, _PROFILE_DURATION_NANOS, _PROFILE_PERIOD_TYPE, _PROFILE_PERIOD = 9, 10, 11, 12
+_PROFILE_COMMENT, _PROFILE_DEFAULT_SAMPLE_TYPE = 13, 14
+_SAMPLE_LOCATION_ID, _SAMPLE_VALUE, _SAMPLE_LABEL = 1, 2, 3
+_LABEL_KEY, _LABEL_STR, _LABEL_NUM = 1, 2, 3
+_MAPPING_FILENAME = 5
+_LOCATION_ID, _LOCATION_MAPPING_ID, _LOCATION_ADDRESS, _LOCATION_LINE = 1, 2, 3, 4
+_LINE_FUNCTION_ID, _LINE_LINE = 1, 2
+_FUNCTION_ID, _FUNCTION_NAME, _FUNCTION_FILENAME, _FUNCTION_START_LINE = 1, 2, 4, 5
+_VALUE_TYPE_TYPE, _VALUE_TYPE_UNIT = 1, 2
+_MAPPING_ID_PYTHON = 1  # the one mapping every profile of this library has
+
+PID_LABEL = "pid"
+
+
+class MergeError(ValueError):
+    """A profile that cannot join the others (another kind, or not this library's)."""
+
+
+@dataclass
+class _Location:
+    id: int
+    mapping_id: int
+    address: int
+    lines: list[tuple[int, int]]  # (function id, line), innermost first
+
+
+@dataclass
+class DecodedProfile:
+    """A profile.proto with its own numbering kept: what the merge renumbers."""
+
+    strings: list[str]
+    sample_types: list[tuple[str, str]]
+    default_sample_type: str = ""
+    period_type: tuple[str, str] = ("", "")
+    period: int = 0
+    time_nanos: int = 0
+    duration_nanos: int = 0
+    comments: list[str] = field(default_factory=list)
+    mapping_file: str = "python"
+    functions: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # name, file, line
+    locations: list[_Location] = field(default_factory=list)
+    samples: list[bytes] = field(default_factory=list)  # each Sample message, as encoded
+
+
+def _scalars(data: bytes) -> dict[int, int]:
+    return {number: value for number, value in read_fields(data) if isinstance(value, int)}
+
+
+def _varints(value: int | bytes) -> list[int]:
+    """A repeated integer field's values: packed (bytes), or one unpacked value."""
+    if isinstance(value, int):
+        return [value]
+    numbers, position = [], 0
+    while position < len(value):
+        number, position = read_varint(value, position)
+        numbers.append(number)
+    return numbers
+
+
+def _signed(number: int) -> int:
+    return number - (1 << 64) if number >= 1 << 63 else number
+
+
+def decode(data: bytes) -> DecodedProfile:
+    """A profile.proto, gzipped or not, with its ids and string indexes resolved to strings."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    strings: list[str] = []
+    value_types: list[dict[int, int]] = []
+    scalars: dict[int, int] = {}
+    period_type: dict[int, int] = {}
+    comments: list[int] = []
+    raw_functions: list[dict[int, int]] = []
+    mappings: list[dict[int, int]] = []
+    profile = DecodedProfile([], [])
+    for number, value in read_fields(data):
+        if isinstance(value, int):
+            scalars[number] = value
+        elif number == _PROFILE_SAMPLE:
+            profile.samples.append(value)
+        elif number == _PROFILE_LOCATION:
+            profile.locations.append(_read_location(value))
+        elif number == _PROFILE_FUNCTION:
+            raw_functions.append(_scalars(value))
+        elif number == _PROFILE_STRING_TABLE:
+            strings.append(value.decode("utf-8", "replace"))
+        elif number == _PROFILE_SAMPLE_TYPE:
+            value_types.append(_scalars(value))
+        elif number == _PROFILE_PERIOD_TYPE:
+            period_type = _scalars(value)
+        elif number == _PROFILE_COMMENT:
+            comments += _varints(value)
+        elif number == _PROFILE_MAPPING:
+            mappings.append(_scalars(value))
+    if len(mappings) > 1:
+        raise MergeError(f"{len(mappings)} mappings: not a profile of asgi_pprof's")
+    if any(location.mapping_id not in (0, _MAPPING_ID_PYTHON) for location in profile.locations):
+        raise MergeError("a location refers to a mapping other than asgi_pprof's")
+    try:
+        profile.strings = strings
+        profile.sample_types = [
+            (strings[t.get(_VALUE_TYPE_TYPE, 0)], strings[t.get(_VALUE_TYPE_UNIT, 0)])
+            for t in value_types
+        ]
+        profile.default_sample_type = strings[scalars.get(_PROFILE_DEFAULT_SAMPLE_TYPE, 0)]
+        profile.period_type = (
+            strings[period_type.get(_VALUE_TYPE_TYPE, 0)],
+            strings[period_type.get(_VALUE_TYPE_UNIT, 0)],
+        )
+        profile.comments = [strings[index] for index in comments]
+        if mappings:
+            profile.mapping_file = strings[mappings[0].get(_MAPPING_FILENAME, 0)]
+        for function in raw_functions:
+            profile.functions[function.get(_FUNCTION_ID, 0)] = (
+                strings[function.get(_FUNCTION_NAME, 0)],
+                strings[function.get(_FUNCTION_FILENAME, 0)],
+                _signed(function.get(_FUNCTION_START_LINE, 0)),
+            )
+    except IndexError:
+        raise MergeError("a string index out of the string table") from None
+    profile.period = _signed(scalars.get(_PROFILE_PERIOD, 0))
+    profile.time_nanos = _signed(scalars.get(_PROFILE_TIME_NANOS, 0))
+    profile.duration_nanos = _signed(scalars.get(_PROFILE_DURATION_NANOS, 0))
+    return profile
+
+
+def _read_location(data: bytes) -> _Location:
+    location = _Location(0, 0, 0, [])
+    for number, value in read_fields(data):
+        if number == _LOCATION_ID and isinstance(value, int):
+            location.id = value
+        elif number == _LOCATION_ADDRESS and isinstance(value, int):
+            location.address = value
+        elif number == _LOCATION_MAPPING_ID and isinstance(value, int):
+            location.mapping_id = value
+        elif number == _LOCATION_LINE and isinstance(value, bytes):
+            line = _scalars(value)
+            function_id, number = line.get(_LINE_FUNCTION_ID, 0), line.get(_LINE_LINE, 0)
+            location.lines.append((function_id, _signed(number)))
+    return location
+
+
+def _encode_location(location_id: int, address: int, lines: Sequence[tuple[int, int]]) -> bytes:
+    location = ProtoWriter()
+    location.integer(_LOCATION_ID, location_id)
+    location.integer(_LOCATION_MAPPING_ID, _MAPPING_ID_PYTHON)
+    location.integer(_LOCATION_ADDRESS, address)
+    for function_id, line in lines:
+        message = ProtoWriter()
+        message.integer(_LINE_FUNCTION_ID, function_id)
+        message.integer(_LINE_LINE, line)
+        location.message(_LOCATION_LINE, message)
+    return bytes(location.data)
+
+
+def merge(profiles: Sequence[tuple[int, DecodedProfile]], notes: Sequence[str] = ()) -> bytes:
+    """The gzipped profile.proto of every (pid, profile) given, samples labelled `pid`; `notes`
+    are added to its comments. The first profile sets the kind; MergeError if another differs."""
+    if not profiles:
+        raise MergeError("no profile to merge")
+    first = profiles[0][1]
+    for pid, profile in profiles:
+        if profile.sample_types != first.sample_types:
+            raise MergeError(
+                f"pid {pid}'s sample types {profile.sample_types} differ from {first.sample_types}"
+            )
+    start = min(profile.time_nanos for _, profile in profiles)
+    end = max(profile.time_nanos + profile.duration_nanos for _, profile in profiles)
+    any_window = any(profile.duration_nanos for _, profile in profiles)
+    comments: list[str] = []
+    for _, profile in profiles:
+        comments += [comment for comment in profile.comments if comment not in comments]
+    builder = ProfileBuilder(
+        sample_types=first.sample_types,
+        period_type=first.period_type,
+        period=first.period,
+        default_sample_type=first.default_sample_type,
+        time_nanos=start,
+        duration_nanos=end - start if any_window else 0,
+        comments=[*comments, *notes],
+        mapping_file=first.mapping_file,
+    )
+    renumbering = _Renumbering(builder)
+    for pid, profile in profiles:
+        renumbering.add(pid, profile)
+    return builder.encode()
+
+
+class _Renumbering:
+    """The merged profile's functions and locations, each once, and its samples."""
+
+    def __init__(self, builder: ProfileBuilder) -> None:
+        self.builder = builder
+        self.function_ids: dict[tuple[str, str, int], int] = {}
+        self.location_ids: dict[tuple[int, tuple[tuple[int, int], ...]], int] = {}
+
+    def add(self, pid: int, profile: DecodedProfile) -> None:
+        functions = {old: self._function(*key) for old, key in profile.functions.items()}
+        locations: dict[int, bytes] = {}  # old id: the new id as a varint
+        try:
+            for location in profile.locations:
+                lines = tuple((functions[function], line) for function, line in location.lines)
+                locations[location.id] = encode_varints([self._location(location.address, lines)])
+        except KeyError as missing:
+            raise MergeError(f"pid {pid}: a location refers to no function {missing}") from None
+        stacks: dict[bytes, bytes] = {}
+        label_fields: dict[bytes, bytes] = {}
+        strings = profile.strings
+        pid_label = str(pid)
+        for sample in profile.samples:
+            ids, values, labels = _split_sample(sample)
+            stack = stacks.get(ids)
+            if stack is None:
+                try:
+                    stack = stacks[ids] = b"".join([locations[i] for i in _varints(ids)])
+                except KeyError as missing:
+                    message = f"pid {pid}: a sample refers to no location {missing}"
+                    raise MergeError(message) from None
+            fields = label_fields.get(labels)
+            if fields is None:
+                words, numbers = _labels(labels, strings)
+                words[PID_LABEL] = pid_label
+                fields = label_fields[labels] = self.builder.label_fields(words, numbers)
+            self.builder.add_sample_packed(stack, values, fields)
+
+    def _function(self, name: str, filename: str, start_line: int) -> int:
+        key = (name, filename, start_line)
+        function_id = self.function_ids.get(key)
+        if function_id is None:
+            function_id = self.function_ids[key] = len(self.function_ids) + 1
+            self.builder.add_function(function_id, name, filename, start_line)
+        return function_id
+
+    def _location(self, address: int, lines: tuple[tuple[int, int], ...]) -> int:
+        key = (address, lines)
+        location_id = self.location_ids.get(key)
+        if location_id is None:
+            location_id = self.location_ids[key] = len(self.location_ids) + 1
+            self.builder.add_encoded_location(_encode_location(location_id, address, lines))
+        return location_id
+
+
+def _split_sample(sample: bytes) -> tuple[bytes, bytes, bytes]:
+    """A Sample's location ids and values, as packed varints, and its Label fields, encoded."""
+    ids, values = bytearray(), bytearray()
+    labels = []
+    for number, value in read_fields(sample):
+        if number == _SAMPLE_LOCATION_ID:
+            ids += value if isinstance(value, bytes) else encode_varints([value])
+        elif number == _SAMPLE_VALUE:
+            values += value if isinstance(value, bytes) else encode_varints([value])
+        elif number == _SAMPLE_LABEL and isinstance(value, bytes):
+            labels.append(len(value).to_bytes(4, "little") + value)
+    return bytes(ids), bytes(values), b"".join(labels)
+
+
+def _labels(encoded: bytes, strings: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """The labels of `_split_sample`'s third part, by name."""
+    words: dict[str, str] = {}
+    numbers: dict[str, int] = {}
+    position = 0
+    try:
+        while position < len(encoded):
+            size = int.from_bytes(encoded[position : position + 4], "little")
+            label = _scalars(encoded[position + 4 : position + 4 + size])
+            position += 4 + size
+            key = strings[label.get(_LABEL_KEY, 0)]
+            if _LABEL_STR in label:
+                words[key] = strings[label[_LABEL_STR]]
+            else:
+                numbers[key] = _signed(label.get(_LABEL_NUM, 0))
+    except IndexError:
+        raise MergeError("a label's string index out of the string table") from None
+    return words, numbers
+
+
+# --- Several workers' answers as one ---
+
+WORKERS_HEADER = "x-pprof-workers"  # the pids whose answers were merged
+FAILED_HEADER = "x-pprof-workers-failed"  # `pid: why` of each that was asked and is missing
+
+
+def combine(
+    answers: Sequence[tuple[int, Answer]],
+    failures: Sequence[tuple[int, str]],
+    notes: Sequence[str] = (),
+) -> Answer:
+    """One answer from every worker's (this worker's first): profiles merged, texts one after
+    the other. A worker that answered an error, or a profile that cannot be merged, joins
+    `failures`; both headers name who is in and who is out. If nobody answered 200, this
+    worker's own answer, or a 503."""
+    failed = list(failures)
+    good = []
+    for pid, answer in answers:
+        if answer.status == 200:
+            good.append((pid, answer))
+        else:
+            message = answer.body[:300].decode("utf-8", "replace").strip()
+            failed.append((pid, f"answered {answer.status}: {message}"))
+    included = [pid for pid, _ in good]
+    if not good:
+        combined = answers[0][1] if answers else error(503, "no worker answered")
+    elif _content_type(good[0][1]).startswith("text/"):
+        combined = _texts(good, failed, notes)
+    else:
+        combined, included = _profiles(good, failed, notes)
+    combined.headers.append((WORKERS_HEADER, " ".join(str(pid) for pid in included)))
+    if failed:
+        reasons = "; ".join(f"{pid}: {_one_line(reason)}" for pid, reason in failed)
+        combined.headers.append((FAILED_HEADER, reasons))
+    return combined
+
+
+def _content_type(answer: Answer) -> str:
+    return dict(answer.headers).get("content-type", "")
+
+
+def _one_line(text: str) -> str:
+    """Fit for a header value: one line of latin-1."""
+    return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")
+
+
+def _texts(
+    good: list[tuple[int, Answer]], failed: list[tuple[int, str]], notes: Sequence[str]
+) -> Answer:
+    """debug=1, debug=2: each worker's text under a `# pid N` line, after what is missing."""
+    parts = [f"# pid {pid}: no answer: {_one_line(reason)}\n" for pid, reason in failed]
+    parts += [f"# {_one_line(note)}\n" for note in notes]
+    for pid, answer in good:
+        parts.append(f"# pid {pid}\n" + answer.body.decode("utf-8", "replace"))
+    return text("\n".join(parts))
+
+
+def _profiles(
+    good: list[tuple[int, Answer]], failed: list[tuple[int, str]], notes: Sequence[str]
+) -> tuple[Answer, list[int]]:
+    """The merged profile, and the pids in it."""
+    decoded: list[tuple[int, DecodedProfile]] = []
+    for pid, answer in good:
+        try:
+            profile = decode(answer.body)
+            if decoded and profile.sample_types != decoded[0][1].sample_types:
+                raise MergeError(f"sample types {profile.sample_types}, not those of the others")
+        except (MergeError, ValueError, OSError, EOFError, IndexError) as problem:
+            failed.append((pid, f"its profile could not be merged: {problem}"))
+            continue
+        decoded.append((pid, profile))
+    if not decoded:
+        reasons = "; ".join(reason for _, reason in failed)
+        return error(502, f"no worker's profile could be read: {reasons}"), []
+    pids = " ".join(str(pid) for pid, _ in decoded)
+    comments = [f"merged from {len(decoded)} workers, each sample labelled with its pid: {pids}"]
+    comments += [f"worker {pid} is missing: {reason}" for pid, reason in failed]
+    comments += notes
+    # Named as the workers name theirs (heap, heap-delta...): `go tool pprof` shows the name.
+    name = _attachment_name(good[0][1])
+    return profile_answer(name, merge(decoded, comments)), [pid for pid, _ in decoded]
+
+
+def _attachment_name(answer: Answer) -> str:
+    disposition = dict(answer.headers).get("content-disposition", "")
+    match = re.search(r'filename="([^"]*)"', disposition)
+    return match[1] if match else "profile"
