@@ -325,6 +325,7 @@ def combine(
         else:
             message = answer.body[:300].decode("utf-8", "replace").strip()
             failed.append((pid, f"answered {answer.status}: {message}"))
+    failed.sort()
     included = [pid for pid, _ in good]
     if not good:
         combined = answers[0][1] if answers else error(503, "no worker answered")
