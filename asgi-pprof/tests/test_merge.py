@@ -156,3 +156,12 @@ def test_a_bad_timeout_is_refused_naming_the_variable(value: str) -> None:
 def test_no_directory_no_socket() -> None:
     assert PprofApp(multiproc_dir="").workers is None
     assert multiproc.timeout_from_environ({}) == multiproc.DEFAULT_TIMEOUT_SECONDS
+
+
+def test_a_sample_without_a_stack_or_labels_is_kept() -> None:
+    builder = ProfileBuilder([("goroutine", "count")], ("goroutine", "count"), 1)
+    builder.add_sample([], [4])  # no location ids: its values come first in the message
+    builder.add_sample([(__file__, 5)], [1])
+    merged = decode(merge.merge([(42, merge.decode(builder.encode()))]))
+    found = sorted((len(s.frames), s.values["goroutine"], s.labels) for s in samples(merged))
+    assert found == [(0, 4, {"pid": "42"}), (1, 1, {"pid": "42"})]

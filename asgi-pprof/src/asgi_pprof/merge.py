@@ -71,7 +71,32 @@ class DecodedProfile:
 
 
 def _scalars(data: bytes) -> dict[int, int]:
-    return {number: value for number, value in read_fields(data) if isinstance(value, int)}
+    """The varint fields of a message, its others skipped: a loop without a generator, as the
+    merge reads tens of thousands of small messages (lines, functions, labels)."""
+    fields: dict[int, int] = {}
+    position, end = 0, len(data)
+    while position < end:
+        key = data[position]
+        if key < 0x80:
+            position += 1
+        else:
+            key, position = read_varint(data, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            byte = data[position]
+            if byte < 0x80:
+                fields[key >> 3] = byte
+                position += 1
+            else:
+                fields[key >> 3], position = read_varint(data, position)
+        elif wire_type == 2:
+            length, position = read_varint(data, position)
+            position += length
+        elif wire_type in (1, 5):
+            position += 8 if wire_type == 1 else 4
+        else:
+            raise MergeError(f"unsupported protobuf wire type {wire_type}")
+    return fields
 
 
 def _varints(value: int | bytes) -> list[int]:
@@ -155,16 +180,16 @@ def decode(data: bytes) -> DecodedProfile:
 def _read_location(data: bytes) -> _Location:
     location = _Location(0, 0, 0, [])
     for number, value in read_fields(data):
-        if number == _LOCATION_ID and isinstance(value, int):
+        if number == _LOCATION_LINE and isinstance(value, bytes):
+            line = _scalars(value)
+            function_id, number = line.get(_LINE_FUNCTION_ID, 0), line.get(_LINE_LINE, 0)
+            location.lines.append((function_id, _signed(number)))
+        elif number == _LOCATION_ID and isinstance(value, int):
             location.id = value
         elif number == _LOCATION_ADDRESS and isinstance(value, int):
             location.address = value
         elif number == _LOCATION_MAPPING_ID and isinstance(value, int):
             location.mapping_id = value
-        elif number == _LOCATION_LINE and isinstance(value, bytes):
-            line = _scalars(value)
-            function_id, number = line.get(_LINE_FUNCTION_ID, 0), line.get(_LINE_LINE, 0)
-            location.lines.append((function_id, _signed(number)))
     return location
 
 
@@ -224,11 +249,12 @@ class _Renumbering:
 
     def add(self, pid: int, profile: DecodedProfile) -> None:
         functions = {old: self._function(*key) for old, key in profile.functions.items()}
-        locations: dict[int, bytes] = {}  # old id: the new id as a varint
+        locations: dict[bytes, bytes] = {}  # by the old id as a varint: the new one
         try:
             for location in profile.locations:
                 lines = tuple((functions[function], line) for function, line in location.lines)
-                locations[location.id] = encode_varints([self._location(location.address, lines)])
+                new_id = self._location(location.address, lines)
+                locations[encode_varints([location.id])] = encode_varints([new_id])
         except KeyError as missing:
             raise MergeError(f"pid {pid}: a location refers to no function {missing}") from None
         stacks: dict[bytes, bytes] = {}
@@ -240,9 +266,11 @@ class _Renumbering:
             stack = stacks.get(ids)
             if stack is None:
                 try:
-                    stack = stacks[ids] = b"".join([locations[i] for i in _varints(ids)])
+                    # Varint by varint, never decoded: a worker's profile has thousands of stacks.
+                    old_ids = _VARINT.findall(ids)
+                    stack = stacks[ids] = b"".join([locations[i] for i in old_ids])
                 except KeyError as missing:
-                    message = f"pid {pid}: a sample refers to no location {missing}"
+                    message = f"pid {pid}: a sample refers to no location {missing!r}"
                     raise MergeError(message) from None
             fields = label_fields.get(labels)
             if fields is None:
@@ -268,30 +296,51 @@ class _Renumbering:
         return location_id
 
 
+_VARINT = re.compile(rb"[\x80-\xff]*[\x00-\x7f]")  # one varint's bytes
+_IDS_KEY = bytes([_SAMPLE_LOCATION_ID << 3 | 2])
+_VALUES_KEY = bytes([_SAMPLE_VALUE << 3 | 2])
+
+
 def _split_sample(sample: bytes) -> tuple[bytes, bytes, bytes]:
-    """A Sample's location ids and values, as packed varints, and its Label fields, encoded."""
-    ids, values = bytearray(), bytearray()
-    labels = []
+    """A Sample's location ids and values, as packed varints, and its Label fields as encoded.
+
+    Fast where the sample is as this library writes it (packed ids, packed values, then
+    labels); any other field order is read field by field."""
+    position = 0
+    parts = []
+    for key in (_IDS_KEY, _VALUES_KEY):
+        if sample[position : position + 1] != key:
+            return _split_any_sample(sample)
+        length, start = read_varint(sample, position + 1)
+        parts.append(sample[start : start + length])
+        position = start + length
+    labels = sample[position:]
+    if labels and labels[0] != _SAMPLE_LABEL << 3 | 2:
+        return _split_any_sample(sample)
+    return parts[0], parts[1], labels
+
+
+def _split_any_sample(sample: bytes) -> tuple[bytes, bytes, bytes]:
+    ids, values, labels = bytearray(), bytearray(), ProtoWriter()
     for number, value in read_fields(sample):
         if number == _SAMPLE_LOCATION_ID:
             ids += value if isinstance(value, bytes) else encode_varints([value])
         elif number == _SAMPLE_VALUE:
             values += value if isinstance(value, bytes) else encode_varints([value])
         elif number == _SAMPLE_LABEL and isinstance(value, bytes):
-            labels.append(len(value).to_bytes(4, "little") + value)
-    return bytes(ids), bytes(values), b"".join(labels)
+            labels.bytes(_SAMPLE_LABEL, value)
+    return bytes(ids), bytes(values), bytes(labels.data)
 
 
 def _labels(encoded: bytes, strings: list[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """The labels of `_split_sample`'s third part, by name."""
+    """The labels of a sample's Label fields (as encoded), by name."""
     words: dict[str, str] = {}
     numbers: dict[str, int] = {}
-    position = 0
     try:
-        while position < len(encoded):
-            size = int.from_bytes(encoded[position : position + 4], "little")
-            label = _scalars(encoded[position + 4 : position + 4 + size])
-            position += 4 + size
+        for _, message in read_fields(encoded):
+            if not isinstance(message, bytes):
+                continue
+            label = _scalars(message)
             key = strings[label.get(_LABEL_KEY, 0)]
             if _LABEL_STR in label:
                 words[key] = strings[label[_LABEL_STR]]
