@@ -6,7 +6,7 @@ Realistic worker profiles: the leaky service runs in-process with the sampler at
 records than at 512 KiB: a few thousand), and after each batch of requests its heap profile is
 built as the endpoint builds it, 8 times, so that the 8 "workers" share their code's stacks and
 differ in their values, as a service's workers do. Then what the answering worker does with 3 and
-8 answers, `merge.combine` (decode each, renumber, label each sample with its pid, encode and
+8 answers, `combine.combine` (decode each, renumber, label each sample with its pid, encode and
 gzip), is timed 10 times (median and highest, CPU and wall time), and its peak Python memory is
 measured by tracemalloc in a run of its own (tracemalloc slows it). Goal for 8 workers: under
 1 s of CPU time, the margin that Parca's default scrape_timeout (its interval + 3 s) leaves
@@ -25,7 +25,7 @@ import tracemalloc
 import asgi_pprof
 from app.main import create_app
 from app.settings import Settings
-from asgi_pprof import merge, sampled_profile, sampling
+from asgi_pprof import combine, sampled_profile, sampling
 from asgi_pprof.asgi import Answer
 from asgi_pprof.asgi import profile as profile_answer
 from asgi_pprof.reader import read_profile
@@ -51,7 +51,7 @@ def timed(answers: list[tuple[int, Answer]], times: int = 10) -> tuple[list[floa
     cpu, wall = [], []
     for _ in range(times):
         started, started_cpu = time.perf_counter(), time.thread_time()
-        merge.combine(answers, [])
+        combine.combine(answers, [])
         cpu.append((time.thread_time() - started_cpu) * 1000)
         wall.append((time.perf_counter() - started) * 1000)
     return cpu, wall
@@ -60,7 +60,7 @@ def timed(answers: list[tuple[int, Answer]], times: int = 10) -> tuple[list[floa
 def peak_bytes(answers: list[tuple[int, Answer]]) -> int:
     tracemalloc.start(1)
     try:
-        merge.combine(answers, [])
+        combine.combine(answers, [])
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -84,7 +84,7 @@ def main() -> int:
     failed = False
     for count in WORKER_COUNTS:
         answers = [(1000 + n, profile_answer("heap", profiles[n])) for n in range(count)]
-        merged = merge.combine(answers, [])
+        merged = combine.combine(answers, [])
         samples = len(read_profile(merged.body).samples)
         cpu, wall = timed(answers)
         peak = peak_bytes(answers)

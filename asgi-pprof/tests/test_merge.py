@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from asgi_pprof import PprofApp, merge, multiproc
+from asgi_pprof import PprofApp, combine, merge, multiproc
 from asgi_pprof.asgi import Answer, error
 from asgi_pprof.asgi import profile as profile_answer
 from asgi_pprof.profile import ProfileBuilder
@@ -69,7 +69,7 @@ def test_pprof_reads_the_merged_profile_by_pid(
         (101, profile_answer("heap", worker_profile(20, 100, "MainThread"))),
         (202, profile_answer("heap", worker_profile(30, 7, "worker"))),
     ]
-    combined = merge.combine(answers, [(303, "did not answer in 2 s")])
+    combined = combine.combine(answers, [(303, "did not answer in 2 s")])
     path = tmp_path / "merged.pb.gz"
     path.write_bytes(combined.body)
     tags = run_pprof(go, "-tags", str(path))
@@ -77,19 +77,19 @@ def test_pprof_reads_the_merged_profile_by_pid(
     focused = run_pprof(go, "-top", "-tagfocus=pid=202", "-sample_index=inuse_space", str(path))
     assert "21B" in focused  # 7 + 14: worker 202's alone
     headers = dict(combined.headers)
-    assert headers[merge.WORKERS_HEADER] == "101 202"
-    assert headers[merge.FAILED_HEADER] == "303: did not answer in 2 s"
+    assert headers[combine.WORKERS_HEADER] == "101 202"
+    assert headers[combine.FAILED_HEADER] == "303: did not answer in 2 s"
     assert headers["content-disposition"] == 'attachment; filename="heap"'
 
 
 def test_errors_are_named_and_nobody_answering_gives_this_workers_answer() -> None:
     good = profile_answer("heap", worker_profile(20, 100, "MainThread"))
     conflict = error(409, "Could not enable CPU profiling: in use")
-    combined = merge.combine([(1, good), (2, conflict)], [])
-    assert dict(combined.headers)[merge.FAILED_HEADER] == (
+    combined = combine.combine([(1, good), (2, conflict)], [])
+    assert dict(combined.headers)[combine.FAILED_HEADER] == (
         "2: answered 409: Could not enable CPU profiling: in use"
     )
-    alone = merge.combine([(1, error(400, "bad")), (2, error(400, "bad"))], [])
+    alone = combine.combine([(1, error(400, "bad")), (2, error(400, "bad"))], [])
     assert alone.status == 400 and alone.body == b"bad"
 
 
@@ -99,17 +99,17 @@ def test_a_profile_of_another_kind_is_left_out_and_named() -> None:
     builder.add_sample([(__file__, 5)], [3])
     other = profile_answer("goroutine", builder.encode())
     garbage = Answer(200, b"\x1f\x8bnot gzip", "application/octet-stream")
-    combined = merge.combine([(1, heap), (2, other), (3, garbage)], [])
+    combined = combine.combine([(1, heap), (2, other), (3, garbage)], [])
     headers = dict(combined.headers)
-    assert headers[merge.WORKERS_HEADER] == "1"
-    assert "2: its profile could not be merged" in headers[merge.FAILED_HEADER]
-    assert "3: its profile could not be merged" in headers[merge.FAILED_HEADER]
+    assert headers[combine.WORKERS_HEADER] == "1"
+    assert "2: its profile could not be merged" in headers[combine.FAILED_HEADER]
+    assert "3: its profile could not be merged" in headers[combine.FAILED_HEADER]
     assert {s.labels["pid"] for s in samples(decode(combined.body))} == {"1"}
 
 
 def test_texts_are_each_workers_in_turn() -> None:
     texts = [(7, Answer(200, b"heap profile: 1\n", "text/plain")), (8, error(409, "busy"))]
-    combined = merge.combine(texts, [(9, "did not answer in 2 s")], ["worker 5 had exited"])
+    combined = combine.combine(texts, [(9, "did not answer in 2 s")], ["worker 5 had exited"])
     assert combined.body.decode() == (
         "# pid 8: no answer: answered 409: busy\n\n"
         "# pid 9: no answer: did not answer in 2 s\n\n"

@@ -150,3 +150,11 @@ def test_a_worker_that_does_not_answer_is_named(kind: str, tmp_path: Path) -> No
         comments = [heap.profile().string_table[i] for i in heap.profile().comment]
         assert any(c.startswith(f"worker {stopped} is missing: did not answer") for c in comments)
         assert f"# pid {stopped}: no answer: did not answer in 3 s" in text
+
+
+def test_the_index_names_the_workers_that_answer_together(service: Service) -> None:
+    workers = service.settled()
+    page = service.get("/debug/pprof/").body.decode()
+    assert "(PPROF_MULTIPROC_DIR), merged" in page
+    listed = page.split("labelled with its pid: ", 1)[1].split(".", 1)[0]
+    assert {int(pid) for pid in listed.split()} == workers

@@ -66,7 +66,6 @@ networks, or set PPROF_ENABLED=false.
 from __future__ import annotations
 
 import asyncio
-import html
 import os
 import sys
 import threading
@@ -79,11 +78,12 @@ from urllib.parse import parse_qsl
 from asgi_pprof import (
     asgi,
     builds,
+    combine,
     cpu,
     forked,
     goroutine,
     heap,
-    merge,
+    index,
     multiproc,
     sampled_profile,
     sampling,
@@ -345,74 +345,17 @@ class PprofApp:
         return asgi.text("\n".join(lines) + "\n")
 
     def index(self) -> Answer:
-        profiles = self._profiles()
-        if sampling.is_running():
-            profiles = sampled_profile.index_entries(profiles)
-        rows = "".join(
-            f"<tr><td>{html.escape(count)}</td><td><a href='{name}?debug=1'>{name}</a></td></tr>\n"
-            for name, count, _ in profiles
-        )
-        descriptions = "".join(
-            f"<li><div class=profile-name>{name}: </div> {html.escape(text)}</li>\n"
-            for name, _, text in profiles
-        )
-        page = _INDEX_PAGE.format(rows=rows, descriptions=descriptions)
-        return Answer(200, page.encode(), "text/html; charset=utf-8")
-
-    def _profiles(self) -> list[tuple[str, str, str]]:
-        """(name, count, description) for each profile this process can really provide, by name.
-
-        As in Go: the profiles and cmdline; symbol is a service for pprof, not listed.
-        """
-        if tracemalloc.is_tracing():
-            traced = tracemalloc.get_traced_memory()[0]
-            count = f"{traced / 2**20:.1f} MiB"
-            status = (
-                f"Tracing now, {tracemalloc.get_traceback_limit()} frames deep: heap shows every "
-                "live block allocated since tracing started."
-            )
-        else:
-            count = "off"
-            status = (
-                "Not tracing now: heap opens a window (seconds=N, default "
-                f"{self.default_window_seconds}) that traces while it lasts."
-            )
-        return [
-            (
-                "cmdline",
-                "0",  # as in Go: not a count profile
-                "The command line invocation of the current program: the interpreter, its "
-                "options, the script and its arguments.",
-            ),
-            (
-                "goroutine",
-                str(goroutine.count()),
-                "Stack traces of all current threads and pending asyncio tasks (of every event "
-                "loop): Python's goroutines. Specify seconds=N for the growth over N seconds.",
-            ),
-            (
-                "heap",
-                count,
-                "Live memory by allocating stack, from tracemalloc: exact, not sampled. Specify "
-                "the gc GET parameter to collect garbage first, seconds=N for the growth over N "
-                f"seconds. {status}",
-            ),
-            (
-                "profile",
-                "1" if cpu.in_use() else "0",
-                "CPU profile. You can specify the duration in the seconds GET parameter. After "
-                "you get the profile file, use the go tool pprof command to investigate the "
-                "profile. Sampled at 100 Hz of CPU time; one at a time (the count is 1 while "
-                "one is being taken).",
-            ),
-        ]
+        workers = None
+        if self.workers is not None:
+            workers = self.workers.directory, self.workers.pids()
+        return index.page(self.default_window_seconds, workers)
 
 
 def _combine(
     answers: list[tuple[int, Answer]], failures: list[tuple[int, str]], notes: list[str]
 ) -> Answer:
     with sampling.collection_paused():  # as a profile's build: no collection of the whole heap
-        return merge.combine(answers, failures, notes)
+        return combine.combine(answers, failures, notes)
 
 
 def _redirect_to(path: str, scope: Scope) -> Answer:
@@ -451,34 +394,3 @@ def _address(word: bytes) -> int:
 
 def _heap_snapshot(in_child: bool) -> bytes:
     return heap.capture(in_child).to_bytes()
-
-
-_INDEX_PAGE = """<html>
-<head>
-<title>/debug/pprof/</title>
-<style>
-.profile-name{{
-\tdisplay:inline-block;
-\twidth:6rem;
-}}
-</style>
-</head>
-<body>
-/debug/pprof/<br>
-<br>
-Types of profiles available:
-<table>
-<thead><td>Count</td><td>Profile</td></thead>
-{rows}</table>
-<a href="goroutine?debug=2">full goroutine stack dump</a>
-<br>
-<p>
-Profile Descriptions:
-<ul>
-{descriptions}</ul>
-</p>
-<p>Read them with <code>go tool pprof http://HOST/debug/pprof/heap</code>. Keep these endpoints off
-public networks: they show file paths and the shapes of this service's memory.</p>
-</body>
-</html>
-"""

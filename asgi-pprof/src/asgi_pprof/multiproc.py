@@ -126,6 +126,10 @@ class Workers:
                 self._endpoint = _Endpoint(self.directory, self._app)
                 self._endpoint.start()
 
+    def pids(self) -> list[int]:
+        """The workers whose sockets are in the directory now."""
+        return [pid for pid, _ in _sockets(self.directory)]
+
     def note_serving_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop this worker serves HTTP in: where its socket's requests run."""
         if self._endpoint is not None:
