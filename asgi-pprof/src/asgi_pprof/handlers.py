@@ -59,6 +59,11 @@ turns tracing on and, when the last window closes, off again.
 Heap profiles are built in a forked copy of the process (see `forked`): the service keeps serving,
 stalled only for the fork, and the profiler's own allocations never land in its heap.
 
+Several worker processes (uvicorn --workers N, gunicorn's uvicorn worker): with PPROF_MULTIPROC_DIR
+set to a directory shared by the workers, heap, allocs, goroutine and profile answer for every live
+worker, merged, each sample labelled with its `pid`; a worker that does not answer in time is named
+in the X-Pprof-Workers-Failed header and the profile's comments (see `multiproc`).
+
 The profiles show file paths and the shapes of the service's memory: keep these endpoints off public
 networks, or set PPROF_ENABLED=false.
 """
