@@ -108,6 +108,31 @@ def test_a_cpu_profile_runs_in_every_worker(service: Service) -> None:
     assert profile.duration_nanos >= 1_000_000_000
 
 
+def profiling(service: Service) -> set[int]:
+    """The workers taking a CPU profile now: those with a task in cpu.profile_for."""
+    text = service.get("/debug/pprof/goroutine?debug=1").body.decode()
+    sections = text.split("# pid ")[1:]
+    return {int(section.split()[0]) for section in sections if ".profile_for" in section}
+
+
+def test_a_profile_whose_client_has_gone_stops_in_every_worker(service: Service) -> None:
+    workers = service.settled()
+    url = urlsplit(service.server.url)
+    abandoned = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+    abandoned.request("GET", "/debug/pprof/profile?seconds=300")
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while profiling(service) != workers:
+        assert time.monotonic() < deadline, service.server.log()
+        time.sleep(0.1)
+    abandoned.close()
+    # Far sooner than its 300 s: every worker stopped it when the client left.
+    while profiling(service):
+        assert time.monotonic() < deadline, service.server.log()
+        time.sleep(0.1)
+    cpu = service.get("/debug/pprof/profile?seconds=1")
+    assert cpu.status == 200 and cpu.merged() == workers
+
+
 def test_texts_come_one_worker_after_the_other(service: Service) -> None:
     workers = service.settled()
     text = service.get("/debug/pprof/goroutine?debug=1").body.decode()
