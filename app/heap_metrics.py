@@ -2,21 +2,44 @@
 
 The Go leaker's README graphs go_memstats_heap_alloc_bytes, the heap bytes allocated and still
 in use. With the sampling heap profiler running, the same estimate is at hand: the in-use bytes of
-its samples, unsampled as /debug/pprof/heap's inuse_space total is. Read at each scrape (a
-snapshot of a few thousand records: milliseconds).
+its samples, unsampled as /debug/pprof/heap's inuse_space total is, a counter that the sampler
+keeps as blocks come and go (`sampling.estimated_inuse_bytes()`: no capture, nothing to wait for).
+
+- One process: read at each scrape.
+- Several workers, in prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as
+  prometheus_client asks of services run by `uvicorn --workers N` or gunicorn): a scrape reaches
+  one worker, which must answer for all, so each worker writes its own value into the directory,
+  from a thread, every UPDATE_SECONDS, and /metrics reads them all. The gauge's mode is `liveall`:
+  one series per live worker, labelled `pid` (a leak in one worker shows as one rising line;
+  `sum()` is the service's), and the files of workers that have exited are removed by the others
+  (prometheus_client's `mark_process_dead`, which uvicorn has no hook to call), so that nothing
+  grows with restarts.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Gauge, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.settings import SettingsError
 from asgi_pprof import sampling
 
 HEAP_INUSE_METRIC = "python_heap_inuse_bytes"
+HEAP_INUSE_HELP = (
+    "Bytes of live PyMem/PyObject blocks, estimated by the sampling heap profiler "
+    "(inuse_space of /debug/pprof/heap); Go's go_memstats_heap_alloc_bytes."
+)
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+UPDATE_SECONDS = 1.0  # how stale a worker's value may be: scrapes come every 15 s or so
+_LIVE_FILE = re.compile(r"gauge_live[a-z]+_([0-9]+)\.db")
 
 
 class SampledHeapCollector(Collector):
@@ -24,19 +47,82 @@ class SampledHeapCollector(Collector):
         if not sampling.is_running():
             return
         yield GaugeMetricFamily(
-            HEAP_INUSE_METRIC,
-            "Bytes of live PyMem/PyObject blocks, estimated by the sampling heap profiler "
-            "(inuse_space of /debug/pprof/heap); Go's go_memstats_heap_alloc_bytes.",
-            value=sampling.estimated_inuse_bytes(),
+            HEAP_INUSE_METRIC, HEAP_INUSE_HELP, value=sampling.estimated_inuse_bytes()
         )
 
 
-_registered = False
+_registered_in: int | None = None  # the pid that registered: a forked worker registers anew
 
 
 def register_heap_metrics() -> None:
-    """Add the gauge to the default registry, once per process."""
-    global _registered
-    if not _registered:
+    """Add the gauge to the default registry, once per process: read at each scrape, or in
+    multiprocess mode written by each worker and read from all of them."""
+    global _registered_in
+    if _registered_in == os.getpid():
+        return
+    directory = os.environ.get(MULTIPROC_VARIABLE, "")
+    if directory:
+        _register_multiprocess(_checked(directory))
+    elif _registered_in is None:
         REGISTRY.register(SampledHeapCollector())
-        _registered = True
+    _registered_in = os.getpid()
+
+
+def _checked(value: str) -> Path:
+    directory = Path(value)
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise SettingsError(
+            f"{MULTIPROC_VARIABLE}={value!r} is not an existing directory this process can "
+            "write: create it before the workers start (prometheus_client's multiprocess mode), "
+            "or unset it"
+        )
+    return directory
+
+
+def _register_multiprocess(directory: Path) -> None:
+    # Not in the default registry itself: the registry's MultiProcessCollector reads every
+    # worker's value, this worker's included, from the directory.
+    gauge = Gauge(HEAP_INUSE_METRIC, HEAP_INUSE_HELP, multiprocess_mode="liveall", registry=None)
+    gauge.set(sampling.estimated_inuse_bytes())
+    if _registered_in is None:  # once per registry: a forked copy inherits the parent's
+        multiprocess.MultiProcessCollector(REGISTRY)
+    threading.Thread(
+        target=_keep_current,
+        args=(gauge, directory),
+        name="leaker: python_heap_inuse_bytes",
+        daemon=True,
+    ).start()
+
+
+def _keep_current(gauge: Gauge, directory: Path) -> None:
+    """Write this worker's value every UPDATE_SECONDS (a C counter read, an mmap write: the GIL
+    for microseconds), and remove the files of workers that have exited."""
+    while True:
+        gauge.set(sampling.estimated_inuse_bytes())
+        forget_exited_workers(directory)
+        time.sleep(UPDATE_SECONDS)
+
+
+def forget_exited_workers(directory: Path) -> None:
+    """prometheus_client's mark_process_dead for each live-mode file of a process that is gone."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _LIVE_FILE.fullmatch(name)
+        if match and not _alive(int(match[1])):
+            try:
+                multiprocess.mark_process_dead(int(match[1]), str(directory))
+            except FileNotFoundError:  # another worker removed it first
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +44,23 @@ def serving(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
     ready_path: str = "/debug/pprof/",
+    server_args: Sequence[str] = (),
+    gunicorn: bool = False,
 ) -> Iterator[Server]:
-    """`uvicorn APP` (module:attribute, imported from `app_dir`); stopped with SIGTERM after."""
+    """`uvicorn APP` (module:attribute, imported from `app_dir`), or `gunicorn APP` with
+    `gunicorn`; `server_args` added to its command line; stopped with SIGTERM after."""
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    command = [
-        python, "-m", "uvicorn", app, "--app-dir", str(app_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-    ]  # fmt: skip
+    if gunicorn:
+        command = [
+            python, "-m", "gunicorn", app, "--pythonpath", str(app_dir),
+            "--bind", f"127.0.0.1:{port}", *server_args,
+        ]  # fmt: skip
+    else:
+        command = [
+            python, "-m", "uvicorn", app, "--app-dir", str(app_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *server_args,
+        ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command,

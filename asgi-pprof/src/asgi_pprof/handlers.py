@@ -59,6 +59,11 @@ turns tracing on and, when the last window closes, off again.
 Heap profiles are built in a forked copy of the process (see `forked`): the service keeps serving,
 stalled only for the fork, and the profiler's own allocations never land in its heap.
 
+Several worker processes (uvicorn --workers N, gunicorn's uvicorn worker): with PPROF_MULTIPROC_DIR
+set to a directory shared by the workers, heap, allocs, goroutine and profile answer for every live
+worker, merged, each sample labelled with its `pid`; a worker that does not answer in time is named
+in the X-Pprof-Workers-Failed header and the profile's comments (see `multiproc`).
+
 The profiles show file paths and the shapes of the service's memory: keep these endpoints off public
 networks, or set PPROF_ENABLED=false.
 """
@@ -66,16 +71,28 @@ networks, or set PPROF_ENABLED=false.
 from __future__ import annotations
 
 import asyncio
-import html
 import os
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from urllib.parse import parse_qsl
 
-from asgi_pprof import asgi, builds, cpu, forked, goroutine, heap, sampled_profile, sampling
+from asgi_pprof import (
+    asgi,
+    builds,
+    combine,
+    cpu,
+    forked,
+    goroutine,
+    heap,
+    index,
+    multiproc,
+    sampled_profile,
+    sampling,
+)
 from asgi_pprof.asgi import Answer, BadRequest, Receive, Request, Scope, Send, go_int64, int_or_zero
 from asgi_pprof.symbolize import frame_at, function_of
 
@@ -84,16 +101,24 @@ MAX_WINDOW_SECONDS = 300
 MAX_SYMBOL_REQUEST_BYTES = 1 << 20  # about 100,000 addresses: more than any profile has
 SLICE_SECONDS = 0.005  # the longest a symbol request keeps the event loop in one go
 BODY_TIMEOUT_SECONDS = 10.0  # for a symbol request's body, however slowly it is sent
+# With PPROF_MULTIPROC_DIR: what every worker answers (the rest is this worker's own).
+FROM_EVERY_WORKER = frozenset({"allocs", "goroutine", "heap", "profile"})
 
 
 class PprofApp:
-    """The /debug/pprof/ endpoints. `frames` is the stack depth of on-demand tracing windows."""
+    """The /debug/pprof/ endpoints. `frames` is the stack depth of on-demand tracing windows.
+
+    `multiproc_dir`: the directory through which the workers of one service answer together
+    (see `multiproc`); by default PPROF_MULTIPROC_DIR, "" for none. A bad one raises
+    multiproc.MultiprocConfigError at once, naming the variable.
+    """
 
     def __init__(
         self,
         frames: int = 8,
         default_window_seconds: int = DEFAULT_WINDOW_SECONDS,
         max_window_seconds: int = MAX_WINDOW_SECONDS,
+        multiproc_dir: str | None = None,
     ) -> None:
         self.frames = frames
         self.default_window_seconds = default_window_seconds
@@ -107,19 +132,36 @@ class PprofApp:
             "profile": self.profile,
             "symbol": self.symbol,
         }
+        environ = os.environ if multiproc_dir is None else {multiproc.DIR_VARIABLE: multiproc_dir}
+        directory = multiproc.directory_from_environ(environ)
+        self.workers = None
+        if directory is not None:
+            timeout = multiproc.timeout_from_environ()
+            self.workers = multiproc.Workers(directory, self.answer_here, timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.workers is not None and threading.current_thread() is threading.main_thread():
+            self.workers.note_serving_loop(asyncio.get_running_loop())
+        await self._serve(scope, receive, send, every_worker=self.workers is not None)
+
+    async def answer_here(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """This worker's own answer, whatever PPROF_MULTIPROC_DIR says: what its socket serves."""
+        await self._serve(scope, receive, send, every_worker=False)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, every_worker: bool) -> None:
         if scope["type"] != "http":
             return
         path = asgi.route_path(scope)
         if path == "":  # the mount point without its slash: the index's relative links need it
             await asgi.send_answer(_redirect_to(scope["path"] + "/", scope), scope, send)
             return
-        answer = await self._answer(path.strip("/"), scope, receive)
+        answer = await self._answer(path.strip("/"), scope, receive, every_worker)
         if answer is not None:  # None: the client has gone, and what it asked for was stopped
             await asgi.send_answer(answer, scope, send)
 
-    async def _answer(self, name: str, scope: Scope, receive: Receive) -> Answer | None:
+    async def _answer(
+        self, name: str, scope: Scope, receive: Receive, every_worker: bool
+    ) -> Answer | None:
         methods = ("GET", "HEAD", "POST") if name == "symbol" else ("GET", "HEAD")
         if scope["method"] not in methods:
             answer = asgi.error(405, "Method not allowed")
@@ -143,12 +185,36 @@ class PprofApp:
         # Kept blank: `seconds=` is a bad value (400), not an absent one.
         pairs = parse_qsl(raw_query, keep_blank_values=True)
         request = Request(scope["method"], asgi.first_values(pairs), raw_query, body)
+        if every_worker and name in FROM_EVERY_WORKER:
+            work = self._from_every_worker(name, request)
+        else:
+            work = self._handle(name, request)
         try:
-            return await asgi.unless_disconnected(self.handlers[name](request), receive)
+            return await asgi.unless_disconnected(work, receive)
+        except BadRequest as bad:
+            return asgi.error(400, str(bad))
+
+    async def _handle(self, name: str, request: Request) -> Answer:
+        try:
+            return await self.handlers[name](request)
         except BadRequest as bad:
             return asgi.error(400, str(bad))
         except forked.ChildFailed as failed:  # out of memory, too slow: the service goes on
             return asgi.error(503, str(failed))
+
+    async def _from_every_worker(self, name: str, request: Request) -> Answer:
+        """Every worker's answer, merged (see `multiproc`); each runs `seconds` windows itself."""
+        assert self.workers is not None
+        seconds = self._seconds(request.query)  # a bad value: a 400 before any worker is asked
+        if seconds is None and name == "profile":
+            seconds = self.default_window_seconds
+        elif seconds is None and name == "heap" and not sampling.is_running():
+            seconds = 0 if tracemalloc.is_tracing() else self.default_window_seconds
+        target = f"/{name}" + (f"?{request.raw_query}" if request.raw_query else "")
+        gathered = await self.workers.gather(target, seconds or 0, self._handle(name, request))
+        return await asyncio.to_thread(
+            _combine, gathered.answers, gathered.failures, gathered.notes
+        )
 
     def _seconds(self, query: dict[str, str]) -> int | None:
         """The `seconds` parameter: absent is None; anything but 1..max is a 400, as in Go."""
@@ -284,67 +350,17 @@ class PprofApp:
         return asgi.text("\n".join(lines) + "\n")
 
     def index(self) -> Answer:
-        profiles = self._profiles()
-        if sampling.is_running():
-            profiles = sampled_profile.index_entries(profiles)
-        rows = "".join(
-            f"<tr><td>{html.escape(count)}</td><td><a href='{name}?debug=1'>{name}</a></td></tr>\n"
-            for name, count, _ in profiles
-        )
-        descriptions = "".join(
-            f"<li><div class=profile-name>{name}: </div> {html.escape(text)}</li>\n"
-            for name, _, text in profiles
-        )
-        page = _INDEX_PAGE.format(rows=rows, descriptions=descriptions)
-        return Answer(200, page.encode(), "text/html; charset=utf-8")
+        workers = None
+        if self.workers is not None:
+            workers = self.workers.directory, self.workers.pids()
+        return index.page(self.default_window_seconds, workers)
 
-    def _profiles(self) -> list[tuple[str, str, str]]:
-        """(name, count, description) for each profile this process can really provide, by name.
 
-        As in Go: the profiles and cmdline; symbol is a service for pprof, not listed.
-        """
-        if tracemalloc.is_tracing():
-            traced = tracemalloc.get_traced_memory()[0]
-            count = f"{traced / 2**20:.1f} MiB"
-            status = (
-                f"Tracing now, {tracemalloc.get_traceback_limit()} frames deep: heap shows every "
-                "live block allocated since tracing started."
-            )
-        else:
-            count = "off"
-            status = (
-                "Not tracing now: heap opens a window (seconds=N, default "
-                f"{self.default_window_seconds}) that traces while it lasts."
-            )
-        return [
-            (
-                "cmdline",
-                "0",  # as in Go: not a count profile
-                "The command line invocation of the current program: the interpreter, its "
-                "options, the script and its arguments.",
-            ),
-            (
-                "goroutine",
-                str(goroutine.count()),
-                "Stack traces of all current threads and pending asyncio tasks (of every event "
-                "loop): Python's goroutines. Specify seconds=N for the growth over N seconds.",
-            ),
-            (
-                "heap",
-                count,
-                "Live memory by allocating stack, from tracemalloc: exact, not sampled. Specify "
-                "the gc GET parameter to collect garbage first, seconds=N for the growth over N "
-                f"seconds. {status}",
-            ),
-            (
-                "profile",
-                "1" if cpu.in_use() else "0",
-                "CPU profile. You can specify the duration in the seconds GET parameter. After "
-                "you get the profile file, use the go tool pprof command to investigate the "
-                "profile. Sampled at 100 Hz of CPU time; one at a time (the count is 1 while "
-                "one is being taken).",
-            ),
-        ]
+def _combine(
+    answers: list[tuple[int, Answer]], failures: list[tuple[int, str]], notes: list[str]
+) -> Answer:
+    with sampling.collection_paused():  # as a profile's build: no collection of the whole heap
+        return combine.combine(answers, failures, notes)
 
 
 def _redirect_to(path: str, scope: Scope) -> Answer:
@@ -383,34 +399,3 @@ def _address(word: bytes) -> int:
 
 def _heap_snapshot(in_child: bool) -> bytes:
     return heap.capture(in_child).to_bytes()
-
-
-_INDEX_PAGE = """<html>
-<head>
-<title>/debug/pprof/</title>
-<style>
-.profile-name{{
-\tdisplay:inline-block;
-\twidth:6rem;
-}}
-</style>
-</head>
-<body>
-/debug/pprof/<br>
-<br>
-Types of profiles available:
-<table>
-<thead><td>Count</td><td>Profile</td></thead>
-{rows}</table>
-<a href="goroutine?debug=2">full goroutine stack dump</a>
-<br>
-<p>
-Profile Descriptions:
-<ul>
-{descriptions}</ul>
-</p>
-<p>Read them with <code>go tool pprof http://HOST/debug/pprof/heap</code>. Keep these endpoints off
-public networks: they show file paths and the shapes of this service's memory.</p>
-</body>
-</html>
-"""
