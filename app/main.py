@@ -27,7 +27,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import asgi_pprof
-from asgi_pprof.multiproc import MultiprocConfigError
 from app.heap_metrics import register_heap_metrics
 from app.server import AnswerWhenCancelled
 from app.settings import Settings, SettingsError
@@ -132,7 +131,7 @@ def _start_sampling(settings: Settings) -> None:
 def _app_from_environ() -> FastAPI:
     try:
         return create_app(Settings.from_environ())
-    except (SettingsError, MultiprocConfigError) as error:
+    except (SettingsError, asgi_pprof.multiproc.MultiprocConfigError) as error:
         sys.exit(f"leaker: invalid setting: {error}")
 
 
