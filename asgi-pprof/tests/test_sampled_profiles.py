@@ -316,3 +316,26 @@ def test_a_profile_holds_only_the_locations_its_samples_use() -> None:
     one = SampledHeap([heap.records[0]], heap.rate, heap.frames, heap.stats)
     small = decode(sampled_profile.build(one, "heap"))
     assert len(small.location) == len({location.id for location in heap.records[0].stack})
+
+
+def allocates_inside_and_outside_a_comprehension() -> list[bytearray]:
+    blocks = [bytearray(7777) for _ in range(3)]  # 3.11: a <listcomp> code object of its own
+    blocks.append(bytearray(7777))
+    return blocks
+
+
+def test_a_function_is_one_function_in_the_profile_whatever_its_code_objects() -> None:
+    """On 3.11 a comprehension is a function of its own, named after the function around it (as
+    3.12 inlines it): the profile holds one Function for both, as pprof expects."""
+    sampling.start(rate=1)
+    keep = allocates_inside_and_outside_a_comprehension()
+    profile = decode(sampled_profile.build(sampling.capture(), "heap"))
+    assert invariant_violations(profile) == []
+    strings = profile.string_table
+    named = [
+        (strings[f.name], strings[f.filename], f.start_line)
+        for f in profile.function
+        if strings[f.name].endswith("allocates_inside_and_outside_a_comprehension")
+    ]
+    assert len(named) == 1
+    del keep

@@ -109,6 +109,10 @@ class SampledStacks:
 
     def _clear(self) -> None:
         self.functions: dict[int, Function] = {}
+        # One Function per name, file and first line: a comprehension of 3.11, named after the
+        # function around it, is the sampler's function apart, and pprof wants them one.
+        self._named: dict[tuple[str, str, int], tuple[Function, int]] = {}  # and how many ids
+        self._placed: dict[tuple[int, int], tuple[Location, int]] = {}  # the same, by line
         self.locations: dict[int, Location] = {}
         self.stacks: dict[int, Stack] = {}
         self.by_address: dict[int, Location] = {}
@@ -130,13 +134,23 @@ class SampledStacks:
             self._clear()
         for function_id, filename, qualname, first_line, _own in functions:
             name, start_line = _name(filename, qualname, first_line)
-            self.functions[function_id] = Function(function_id, name, filename, start_line)
+            key = (name, filename, start_line)
+            function, ids = self._named.get(key, (None, 0))
+            if function is None:
+                function = Function(function_id, name, filename, start_line)
+            self._named[key] = (function, ids + 1)
+            self.functions[function_id] = function
         numbers = array.array("I", locations)
         for at in range(0, len(numbers), 3):
             location_id, function_id, line = numbers[at : at + 3]
-            location = _location(location_id, self.functions[function_id], _signed(line))
+            function = self.functions[function_id]
+            key = (function.id, _signed(line))
+            location, ids = self._placed.get(key, (None, 0))
+            if location is None:
+                location = _location(location_id, function, _signed(line))
+                self.by_address[location.address] = location
+            self._placed[key] = (location, ids + 1)
             self.locations[location_id] = location
-            self.by_address[location.address] = location
         numbers = array.array("I", stacks)
         at, known = 0, self.locations
         while at < len(numbers):
@@ -155,11 +169,26 @@ class SampledStacks:
             self._legacy_stacks.pop(stack_id, None)
         for location_id in dead_locations:
             location = self.locations.pop(location_id, None)
-            if location is not None and self.by_address.get(location.address) is location:
+            if location is None:
+                continue
+            key = (location.function.id, location.line)
+            placed, ids = self._placed[key]
+            if ids > 1:
+                self._placed[key] = (placed, ids - 1)
+                continue
+            del self._placed[key]
+            if self.by_address.get(location.address) is location:
                 del self.by_address[location.address]
-            self._encoded_locations.pop(location_id, None)
+            self._encoded_locations.pop(location.id, None)
         for function_id in dead_functions:
-            self.functions.pop(function_id, None)
+            function = self.functions.pop(function_id, None)
+            if function is not None:
+                key = (function.name, function.filename, function.start_line)
+                named, ids = self._named[key]
+                if ids > 1:
+                    self._named[key] = (named, ids - 1)
+                else:
+                    del self._named[key]
 
     def encoded_stack(self, stack_id: int) -> bytes:
         """The stack's location ids as profile.proto's packed varints, made once."""
