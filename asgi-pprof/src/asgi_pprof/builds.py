@@ -10,8 +10,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from asgi_pprof import forked
+
+T = TypeVar("T")
 
 
 class HeapBuilds:
@@ -85,3 +88,35 @@ def collect_garbage() -> bool:
     finally:
         _collection.release()
     return True
+
+
+class SampledBuilds:
+    """The sampler's captures and builds, one at a time in the process, and shared: each is
+    Python work in a thread that competes with the event loop for the GIL (a dozen at once held a
+    `GET /` for half a second), while one at a time leaves the loop every other turn. A request
+    for a profile being built shares that build."""
+
+    _lock = threading.Lock()  # the process's: builds run in worker threads, from any event loop
+
+    def __init__(self) -> None:
+        self._pending: dict[object, asyncio.Future[object]] = {}
+
+    async def alone(self, work: Callable[[], T]) -> T:
+        return await asyncio.to_thread(self._run, work)
+
+    async def shared(self, key: object, work: Callable[[], T]) -> T:
+        pending = self._pending.get(key)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            pending = self._pending[key] = asyncio.ensure_future(self.alone(work))
+            pending.add_done_callback(lambda done: self._forget(key, done))
+        # Shielded: a client that leaves does not cancel what the others wait for (milliseconds).
+        return await asyncio.shield(pending)  # type: ignore[return-value]
+
+    def _forget(self, key: object, done: asyncio.Future[object]) -> None:
+        if self._pending.get(key) is done:
+            del self._pending[key]
+
+    @classmethod
+    def _run(cls, work: Callable[[], T]) -> T:
+        with cls._lock:
+            return work()

@@ -124,6 +124,7 @@ class PprofApp:
         self.default_window_seconds = default_window_seconds
         self.max_window_seconds = max_window_seconds
         self._builds = builds.HeapBuilds()
+        self._sampled_builds = builds.SampledBuilds()
         self.handlers: dict[str, Callable[[Request], Awaitable[Answer]]] = {
             "allocs": self.allocs,
             "cmdline": self.cmdline,
@@ -273,16 +274,18 @@ class PprofApp:
         collect_first = int_or_zero(request.query.get("gc", "")) > 0
         if collect_first:
             builds.collect_garbage()
-        start = await asyncio.to_thread(sampling.capture)
         if seconds is None:
             if debug > 0:
-                return asgi.text(await asyncio.to_thread(sampled_profile.render_text, start))
-            return asgi.profile(name, await asyncio.to_thread(sampled_profile.build, start, name))
+                text = await self._sampled_builds.shared(("text",), _sampled_text)
+                return asgi.text(text)
+            built = await self._sampled_builds.shared(name, partial(_sampled_profile, name))
+            return asgi.profile(name, built)
+        start = await self._sampled_builds.alone(sampling.capture)
         await asyncio.sleep(seconds)
         if collect_first:
             builds.collect_garbage()
-        end = await asyncio.to_thread(sampling.capture)
-        growth = await asyncio.to_thread(sampled_profile.build, end, name, start)
+        end = await self._sampled_builds.alone(sampling.capture)
+        growth = await self._sampled_builds.alone(partial(sampled_profile.build, end, name, start))
         return asgi.profile(f"{name}-delta", growth)
 
     async def _window_start(self, traced_before: bool) -> heap.HeapProfile:
@@ -395,6 +398,14 @@ def _address(word: bytes) -> int:
     except (UnicodeDecodeError, ValueError):
         return 0
     return address if 0 < address < 1 << 64 else 0
+
+
+def _sampled_profile(name: str) -> bytes:
+    return sampled_profile.build(sampling.capture(), name)
+
+
+def _sampled_text() -> str:
+    return sampled_profile.render_text(sampling.capture())
 
 
 def _heap_snapshot(in_child: bool) -> bytes:
