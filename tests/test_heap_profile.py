@@ -159,8 +159,16 @@ def test_pprof_lines_point_at_the_line_that_builds_the_middleware_per_request(
     location = f"{ROOT / 'app' / 'main.py'}:{leaking_line()}"
     rows = [row for row in top_rows(output) if row.name == f"{PER_REQUEST_WRAPPER} {location}"]
     assert len(rows) == 1, f"{location} not listed"
-    # The leak is most of what is in use after the load, and all of it passes through that line.
-    assert rows[0].cum_percent >= 50
+    # Every OpenTelemetry middleware alive was built at that line, one a request: what the focus
+    # holds passes through it, and it holds the leak's growth (about 1 kB a request). The share
+    # of the whole heap is not asserted: what startup left in use varies with the dependencies.
+    shown = re.search(
+        r"Showing nodes accounting for \S+, ([\d.]+)% of ([\d.]+)(\w?B) total", output
+    )
+    assert shown, output[:2000]
+    total_bytes = float(shown[2]) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[shown[3]]
+    assert rows[0].cum_percent >= 0.95 * float(shown[1])
+    assert rows[0].cum_percent / 100 * total_bytes >= 500 * leaky.requests
 
 
 def test_pprof_renders_an_svg_graph(
