@@ -4,6 +4,10 @@ The Go leaker's README graphs go_memstats_heap_alloc_bytes, the heap bytes alloc
 in use. With the sampling heap profiler running, the same estimate is at hand: the in-use bytes of
 its samples, unsampled as /debug/pprof/heap's inuse_space total is, a counter that the sampler
 keeps as blocks come and go (`sampling.estimated_inuse_bytes()`: no capture, nothing to wait for).
+Beside it, the profiler's own cost and bound: the C memory of its tables
+(python_heap_profiler_own_bytes, at most PPROF_MEM_PROFILE_MAX_BYTES) and the samples it counted
+in its one "table full" record once that bound was reached (python_heap_profiler_table_full_samples:
+above zero, the heap profile has lost stacks, and the bound wants raising).
 
 - One process: read at each scrape.
 - Several workers, in prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as
@@ -22,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import REGISTRY, Gauge, multiprocess
@@ -37,6 +41,20 @@ HEAP_INUSE_HELP = (
     "Bytes of live PyMem/PyObject blocks, estimated by the sampling heap profiler "
     "(inuse_space of /debug/pprof/heap); Go's go_memstats_heap_alloc_bytes."
 )
+OWN_BYTES_METRIC = "python_heap_profiler_own_bytes"
+TABLE_FULL_METRIC = "python_heap_profiler_table_full_samples"
+GAUGES: dict[str, tuple[str, Callable[[], float]]] = {
+    HEAP_INUSE_METRIC: (HEAP_INUSE_HELP, sampling.estimated_inuse_bytes),
+    OWN_BYTES_METRIC: (
+        "C memory of the sampling heap profiler's tables (at most PPROF_MEM_PROFILE_MAX_BYTES).",
+        lambda: float(sampling.stats().get("own_bytes", 0)),
+    ),
+    TABLE_FULL_METRIC: (
+        "Samples since start counted in the sampler's one 'table full' record, their stacks "
+        "lost: the tables had reached PPROF_MEM_PROFILE_MAX_BYTES.",
+        lambda: float(sampling.stats().get("table_full", 0)),
+    ),
+}
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 UPDATE_SECONDS = 1.0  # how stale a worker's value may be: scrapes come every 15 s or so
 _LIVE_FILE = re.compile(r"gauge_live[a-z]+_([0-9]+)\.db")
@@ -46,16 +64,15 @@ class SampledHeapCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if not sampling.is_running():
             return
-        yield GaugeMetricFamily(
-            HEAP_INUSE_METRIC, HEAP_INUSE_HELP, value=sampling.estimated_inuse_bytes()
-        )
+        for name, (documentation, read) in GAUGES.items():
+            yield GaugeMetricFamily(name, documentation, value=read())
 
 
 _registered_in: int | None = None  # the pid that registered: a forked worker registers anew
 
 
 def register_heap_metrics() -> None:
-    """Add the gauge to the default registry, once per process: read at each scrape, or in
+    """Add the gauges to the default registry, once per process: read at each scrape, or in
     multiprocess mode written by each worker and read from all of them."""
     global _registered_in
     if _registered_in == os.getpid():
@@ -82,23 +99,31 @@ def _checked(value: str) -> Path:
 def _register_multiprocess(directory: Path) -> None:
     # Not in the default registry itself: the registry's MultiProcessCollector reads every
     # worker's value, this worker's included, from the directory.
-    gauge = Gauge(HEAP_INUSE_METRIC, HEAP_INUSE_HELP, multiprocess_mode="liveall", registry=None)
-    gauge.set(sampling.estimated_inuse_bytes())
+    gauges = [
+        (Gauge(name, documentation, multiprocess_mode="liveall", registry=None), read)
+        for name, (documentation, read) in GAUGES.items()
+    ]
+    _set(gauges)
     if _registered_in is None:  # once per registry: a forked copy inherits the parent's
         multiprocess.MultiProcessCollector(REGISTRY)
     threading.Thread(
         target=_keep_current,
-        args=(gauge, directory),
+        args=(gauges, directory),
         name="leaker: python_heap_inuse_bytes",
         daemon=True,
     ).start()
 
 
-def _keep_current(gauge: Gauge, directory: Path) -> None:
-    """Write this worker's value every UPDATE_SECONDS (a C counter read, an mmap write: the GIL
+def _set(gauges: list[tuple[Gauge, Callable[[], float]]]) -> None:
+    for gauge, read in gauges:
+        gauge.set(read())
+
+
+def _keep_current(gauges: list[tuple[Gauge, Callable[[], float]]], directory: Path) -> None:
+    """Write this worker's values every UPDATE_SECONDS (C counters read, mmap writes: the GIL
     for microseconds), and remove the files of workers that have exited."""
     while True:
-        gauge.set(sampling.estimated_inuse_bytes())
+        _set(gauges)
         forget_exited_workers(directory)
         time.sleep(UPDATE_SECONDS)
 

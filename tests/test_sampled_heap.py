@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import asgi_pprof
-from app.heap_metrics import HEAP_INUSE_METRIC
+from app.heap_metrics import HEAP_INUSE_METRIC, OWN_BYTES_METRIC, TABLE_FULL_METRIC
 from app.main import create_app
 from app.settings import Settings, SettingsError
 from tests.go_pprof import run_pprof
@@ -53,10 +53,17 @@ class Run:
 
 
 def gauge(url: str) -> float:
+    """The live-heap gauge, after checking the profiler's own gauges beside it: its tables within
+    the default bound, and on the demo's service never full."""
     metrics = get(url + "/metrics").decode()
-    match = re.search(rf"^{HEAP_INUSE_METRIC} (\S+)$", metrics, re.M)
-    assert match, f"no {HEAP_INUSE_METRIC} on /metrics"
-    return float(match[1])
+    values = {}
+    for name in (HEAP_INUSE_METRIC, OWN_BYTES_METRIC, TABLE_FULL_METRIC):
+        match = re.search(rf"^{name} (\S+)$", metrics, re.M)
+        assert match, f"no {name} on /metrics"
+        values[name] = float(match[1])
+    assert 0 < values[OWN_BYTES_METRIC] <= 4 * 2**20
+    assert values[TABLE_FULL_METRIC] == 0
+    return values[HEAP_INUSE_METRIC]
 
 
 def load_and_profile(mode: str, tmp_path: Path) -> Run:

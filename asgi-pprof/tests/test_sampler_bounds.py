@@ -112,6 +112,34 @@ def test_a_hundred_thousand_stacks_stay_within_the_bound_and_say_so() -> None:
     del keep
 
 
+def test_stacks_past_the_bound_with_every_block_alive_go_to_the_table_full_record() -> None:
+    """Nothing can be folded when every record holds a live block: past the bound, new stacks'
+    samples go to one visible record, counted in stats() and said in the profile and its text."""
+    top = make_branching_functions(14)  # 16,384 distinct stacks, each block kept
+    kept: list[bytes] = []
+    sampling.start(rate=1, max_bytes=sampling.MIN_MAX_BYTES)
+    with_leaf = {"leaf": lambda number: kept.append(leaf(number))}
+    top.__globals__.update(with_leaf)
+    for path in range(1 << 14):
+        top(path)
+    heap = sampling.capture()
+    stats = heap.stats
+    full = [
+        r for r in heap.records if r.stack is sampled_stacks.pseudo_stack(sampled_stacks.TABLE_FULL)
+    ]
+    print({k: stats[k] for k in ("records", "own_bytes", "table_full", "folded")})
+    assert stats["own_bytes"] <= sampling.MIN_MAX_BYTES
+    assert len(full) == 1 and full[0].allocs == stats["table_full"] > 1000
+    assert sum(r.allocs for r in heap.records) == stats["samples"]
+    notes = decode(sampled_profile.build(heap, "heap")).string_table
+    assert any(f"tables were full: {stats['table_full']} samples" in c for c in notes)
+    assert f"# TableFullSamples = {stats['table_full']}" in sampled_profile.render_text(heap)
+    sampling.stop()
+    sampling.start(rate=1)
+    assert sampling.stats()["table_full"] == 0  # a new start counts afresh
+    kept.clear()
+
+
 GENERATED_FUNCTIONS = """
 import gc, sys, weakref
 from asgi_pprof import sampling

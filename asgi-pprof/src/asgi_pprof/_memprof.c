@@ -201,6 +201,7 @@ static struct {
     uint64_t samples;             /* allocations sampled since start */
     uint64_t dropped;             /* sampled blocks not followed: no room for them */
     uint64_t folded;              /* records folded to make room */
+    uint64_t table_full;          /* samples counted in the table-full record: no room for theirs */
     uint64_t samples_at_snapshot; /* `samples` when the last snapshot was taken */
     uint64_t records_since_fold;  /* records made since the last folding pass */
     double inuse_estimate;        /* the bytes the live sampled blocks stand for */
@@ -330,7 +331,8 @@ own_calloc(size_t nelem, size_t elsize)
         return NULL;
     }
     size_t size = nelem * elsize;
-    if (t->own_bytes + size > sampler.max_bytes) {
+    /* The filter counts toward the bound: max_bytes is all the sampler holds. */
+    if (t->own_bytes + size + sizeof(sampler.filter) > sampler.max_bytes) {
         return NULL;
     }
     void *ptr = calloc(nelem, elsize);
@@ -1000,6 +1002,7 @@ record_sample(uintptr_t address, size_t size, const frame_read_t *read, int nfra
     }
     if (record == NULL) {
         record = t->table_full;
+        sampler.table_full++;
     }
     record->allocs++;
     record->alloc_bytes += size;
@@ -1499,7 +1502,7 @@ memprof_start(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
             /* The one before is never released: a thread may still be reading it. */
             sampler.label_variable = Py_NewRef(label_variable);
         }
-        sampler.samples = sampler.dropped = sampler.folded = 0;
+        sampler.samples = sampler.dropped = sampler.folded = sampler.table_full = 0;
         sampler.samples_at_snapshot = sampler.records_since_fold = 0;
         sampler.inuse_estimate = 0;
         sampler.delegated_above[0] = sampler.delegated_above[1] = SIZE_MAX;
@@ -1567,7 +1570,7 @@ memprof_is_running(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 
 typedef struct {
     int running, max_frames;
-    unsigned long long generation, samples, dropped, folded;
+    unsigned long long generation, samples, dropped, folded, table_full;
     size_t rate, max_bytes, records, stacks, locations, functions, live_blocks, own_bytes;
     size_t delegated_above;
 } counters_t;
@@ -1583,6 +1586,7 @@ read_counters(void)
         .samples = sampler.samples,
         .dropped = sampler.dropped,
         .folded = sampler.folded,
+        .table_full = sampler.table_full,
         .rate = sampler.rate,
         .max_bytes = sampler.max_bytes,
         .records = t->records.count,
@@ -1600,7 +1604,7 @@ static PyObject *
 counters_dict(const counters_t *c)
 {
     return Py_BuildValue(
-        "{s:O,s:n,s:i,s:n,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n,s:n,s:n,s:L}",
+        "{s:O,s:n,s:i,s:n,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n,s:n,s:n,s:L}",
         "running", c->running ? Py_True : Py_False,
         "rate", (Py_ssize_t)c->rate,
         "max_frames", c->max_frames,
@@ -1609,6 +1613,7 @@ counters_dict(const counters_t *c)
         "samples", c->samples,
         "dropped", c->dropped,
         "folded", c->folded,
+        "table_full", c->table_full,
         "records", (Py_ssize_t)c->records,
         "stacks", (Py_ssize_t)c->stacks,
         "locations", (Py_ssize_t)c->locations,
@@ -1885,7 +1890,8 @@ memprof_snapshot(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(stats_doc,
 "stats()\n--\n\n"
 "A dict: running, rate, max_frames, max_bytes, generation, samples, dropped (sampled blocks not\n"
-"followed for want of room), folded (records folded to make room), records, stacks, locations,\n"
+"followed for want of room), folded (records folded to make room), table_full (samples counted\n"
+"in the one table-full record, past the cap on own memory), records, stacks, locations,\n"
 "functions, live_blocks, own_bytes (the C memory of the tables and the filter), and\n"
 "delegated_above (the block size above which pymalloc hands blocks to the raw domain).");
 

@@ -27,7 +27,6 @@ from asgi_pprof.sampled_stacks import (
     TABLE_FULL,
     Function,
     Location,
-    pseudo_stack,
 )
 from asgi_pprof.sampling import Record, SampledHeap, scale_heap_sample
 
@@ -106,9 +105,10 @@ def _notes(heap: SampledHeap) -> list[str]:
             f"{PSEUDO_FUNCTIONS[FOLDED]} to keep the sampler within "
             f"{heap.stats.get('max_bytes')} bytes (PPROF_MEM_PROFILE_MAX_BYTES)"
         )
-    if any(record.stack is pseudo_stack(TABLE_FULL) for record in heap.records):
+    table_full = heap.stats.get("table_full", 0)
+    if table_full:
         notes.append(
-            f"the sampler's tables were full: samples of new stacks are counted under "
+            f"the sampler's tables were full: {table_full} samples of new stacks are counted under "
             f"{PSEUDO_FUNCTIONS[TABLE_FULL]} (PPROF_MEM_PROFILE_MAX_BYTES raises the bound)"
         )
     dropped = heap.stats.get("dropped", 0)
@@ -248,6 +248,7 @@ def _memory_statistics(heap: SampledHeap) -> list[str]:
         lines.append(f"# {title} = {stats.get(name, 0)}")
     lines += [
         f"# FoldedRecords = {stats.get('folded', 0)}",
+        f"# TableFullSamples = {stats.get('table_full', 0)}",
         f"# DroppedBlocks = {stats.get('dropped', 0)}",
         f"# ProfilerOwnBytes = {stats.get('own_bytes', 0)}",
         f"# ProfilerMaxBytes = {stats.get('max_bytes', 0)}",

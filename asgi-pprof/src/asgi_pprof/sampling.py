@@ -213,7 +213,8 @@ def is_running() -> bool:
 
 def stats() -> dict[str, int | bool]:
     """The sampler's counters (see _memprof.stats): running, rate, max_frames, max_bytes,
-    samples, dropped, folded, records, stacks, locations, functions, live_blocks, own_bytes."""
+    samples, dropped, folded, table_full (samples counted in the one "table full" record past
+    the cap), records, stacks, locations, functions, live_blocks, own_bytes."""
     if _memprof is None:
         return {"running": False}
     return _memprof.stats()
