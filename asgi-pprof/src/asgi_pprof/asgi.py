@@ -67,6 +67,7 @@ def text(body: str | bytes) -> Answer:
 
 # Go's strconv.ParseInt takes at most 19 digits into an int64: more is out of range. Checking the
 # length first also keeps Python's int() away from its own limit (4,300 digits: a ValueError).
+BODY_CHUNK_BYTES = 64 * 1024  # asyncio's default write buffer high-water mark
 _GO_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
 
 
@@ -105,7 +106,13 @@ async def send_answer(answer: Answer, scope: Scope, send: Send) -> None:
     headers.append((b"content-length", str(len(answer.body)).encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     body = b"" if scope["method"] == "HEAD" else answer.body
-    await send({"type": "http.response.body", "body": body})
+    # In pieces: the server writes each while this frame is on the stack (the sampler leaves the
+    # profiler's own stacks out) and waits for the socket between them, so a profile of megabytes
+    # never sits whole in the transport's buffer, sampled there at a new size every time.
+    starts = range(0, len(body), BODY_CHUNK_BYTES) or range(1)
+    for start in starts:
+        piece = body[start : start + BODY_CHUNK_BYTES]
+        await send({"type": "http.response.body", "body": piece, "more_body": start < starts[-1]})
 
 
 class BodyTooLarge(Exception):
