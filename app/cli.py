@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     load.set_defaults(parser=load)
-    load.add_argument("--url", required=True, help="http:// URL to request")
+    load.add_argument(
+        "--url",
+        required=True,
+        help="http:// URL to request; {n} in its path becomes each request's number (1, 2, ...), "
+        "so that each asks for a path of its own: /orders/{n}",
+    )
     load.add_argument(
         "--concurrency", type=positive_int, default=100, help="connections (default: %(default)s)"
     )

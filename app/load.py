@@ -12,6 +12,9 @@ is gone: the run stops there and says so, rather than spend its budget on it. A 
 hangs is not gone: its requests time out, one by one.
 
 At the deadline of a run with a duration, the requests in flight are cancelled and not counted.
+
+`{n}` in the URL's path becomes each request's number (1, 2, ...; 0 for the check made first), so
+that every request asks for a path of its own: `/orders/{n}`, as a service sees many users.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RECONNECT_DELAY_SECONDS = 0.05
 RECONNECT_DELAY_MAX_SECONDS = 1.0
 BODILESS_STATUSES = (204, 304)
 TARGET_GONE_SECONDS = 10.0  # longer than a container takes to restart after an out-of-memory kill
+NUMBER = b"{n}"  # in a URL's path: each request's own number
 
 ProgressCallback = Callable[[int, int, float], None]
 
@@ -119,7 +123,13 @@ class Target:
     url: str
     host: str
     port: int
-    request: bytes  # the whole GET request, encoded once
+    request: bytes  # the whole GET request, encoded once; with `{n}` in it if numbered
+    numbered: bool = False  # `{n}` in the path: request_for fills in each request's number
+
+    def request_for(self, number: int) -> bytes:
+        if not self.numbered:
+            return self.request
+        return self.request.replace(NUMBER, str(number).encode())
 
     @classmethod
     def from_url(cls, url: str) -> Target:
@@ -134,7 +144,8 @@ class Target:
             f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
             "User-Agent: leaker-load\r\nAccept: */*\r\n\r\n"
         ).encode("latin-1")
-        return cls(url, parts.hostname, parts.port or 80, request)
+        numbered = NUMBER.decode() in path
+        return cls(url, parts.hostname, parts.port or 80, request, numbered)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
@@ -188,6 +199,7 @@ class _Load:
     def __init__(self, target: Target, requests: int | None) -> None:
         self.target = target
         self.remaining = requests  # None: no request budget
+        self.claimed = 0  # requests taken from the budget so far: the last one's number
         self.started = time.monotonic()
         self.last_answer = self.started  # the target's check has just answered
         self.done = 0
@@ -196,17 +208,16 @@ class _Load:
         self.status_counts: dict[int, int] = {}
 
     def claim(self) -> bool:
-        """Take the next request from the budget, if the run is not over."""
-        if self.remaining is None:
-            return True
-        if self.remaining <= 0:
-            return False
-        self.remaining -= 1
+        """Take the next request from the budget, if the run is not over: number `claimed`."""
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return False
+            self.remaining -= 1
+        self.claimed += 1
         return True
 
     async def worker(self) -> None:
         target = self.target
-        request = target.request
         latencies = self.latencies
         status_counts = self.status_counts
         backoff = _Backoff()
@@ -215,6 +226,7 @@ class _Load:
         fresh = False  # the connection has not answered yet
         try:
             while self.claim():
+                request = target.request_for(self.claimed)  # before an await lets others claim
                 if writer is None:
                     try:
                         reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -291,7 +303,7 @@ async def check_target(target: Target) -> None:
         async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
             reader, writer = await asyncio.open_connection(target.host, target.port)
             try:
-                writer.write(target.request)
+                writer.write(target.request_for(0))
                 await read_response(reader)
             finally:
                 writer.close()

@@ -205,6 +205,24 @@ def test_load_on_sigterm_prints_the_summary_and_exits_143(
     assert "Traceback" not in stderr
 
 
+class PathHandler(CountingHandler):
+    paths: list[str]  # of every request answered; set on the class a test serves with
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).paths.append(self.path)
+        super().do_GET()
+
+
+def test_load_with_n_in_the_url_asks_for_a_path_per_request() -> None:
+    with http_server(PathHandler) as (url, handler):
+        handler.paths = []
+        finished = leaker("load", "--url", url + "orders/{n}", "--requests", "40")
+
+    assert finished.returncode == 0, finished.stderr
+    assert "requests:    40\n" in finished.stdout
+    assert sorted(handler.paths) == sorted(f"/orders/{number}" for number in range(41))
+
+
 def test_load_help_says_it_runs_until_ctrl_c_and_lists_the_exit_statuses() -> None:
     finished = leaker("load", "--help")
 

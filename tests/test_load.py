@@ -47,6 +47,7 @@ class TinyServer:
         self.connections = 0
         self.received = 0
         self.answered = 0
+        self.paths: list[bytes] = []  # of every request read, in order
         self.writers: set[asyncio.StreamWriter] = set()
         self.server: asyncio.Server | None = None
 
@@ -75,10 +76,11 @@ class TinyServer:
         try:
             while True:
                 try:
-                    await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 self.received += 1
+                self.paths.append(head.split(b" ", 2)[1])
                 on_this_connection += 1
                 if self.drop_every and on_this_connection % self.drop_every == 0:
                     return
@@ -118,6 +120,17 @@ def test_counts_every_request_once_over_one_connection_per_worker() -> None:
     assert result.errors == 0
     assert result.status_counts == {200: 523}
     assert len(result.latencies_seconds) == 523
+
+
+def test_n_in_the_path_gives_every_request_a_path_of_its_own() -> None:
+    server = TinyServer()
+    path = "orders/{n}?from=load"
+    result = run_with_server(server, lambda s: run_load(s.url + path, concurrency=7, requests=300))
+
+    assert result.requests == 300
+    # 0 is the reachability check's; then one path each, whichever worker sent it
+    expected = [b"/orders/%d?from=load" % number for number in range(301)]
+    assert sorted(server.paths) == sorted(expected)
 
 
 def test_non_2xx_responses_are_counted_as_errors() -> None:
