@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from scripts import screenshots
+from scripts.docs_routes import two_routes
 from scripts.docs_text import (
     Normalise,
     heap_header,
@@ -59,6 +60,7 @@ SAMPLED = "sampled.heap.pb.gz"
 # requests for tens of samples, and more than startup's. It runs at full speed: this many take
 # under a minute.
 SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST = 20
+ROUTE_REQUESTS_PER_TUTORIAL_REQUEST = 5  # on each of the two routes, at one sample per 64 KiB
 HTTP_TIMEOUT_SECONDS = 120.0  # a profile of a traced heap takes seconds on two busy cores
 
 
@@ -283,6 +285,9 @@ def generate(docs: Path, requests: int, demo_requests: int | None) -> None:
         sampled_requests = SAMPLED_REQUESTS_PER_TUTORIAL_REQUEST * requests
         print(f"make_docs: sampling profiler, leaker load x {sampled_requests}", file=sys.stderr)
         values.update(sampled(work, generated, sampled_requests))
+        route_requests = ROUTE_REQUESTS_PER_TUTORIAL_REQUEST * requests
+        print(f"make_docs: labels, leaker load x {route_requests} on two routes", file=sys.stderr)
+        values.update(two_routes(work, generated, route_requests))
         print("make_docs: one request traced to Zipkin", file=sys.stderr)
         values.update(one_span(work, generated))
         print("make_docs: go tool pprof", file=sys.stderr)

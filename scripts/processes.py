@@ -74,10 +74,14 @@ def answers(url: str) -> bool:
 
 @contextmanager
 def serving(
-    mode: str, log_dir: Path, profiler: str = "tracemalloc", zipkin: str | None = None
+    mode: str,
+    log_dir: Path,
+    profiler: str = "tracemalloc",
+    zipkin: str | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """`leaker serve` as the tutorial starts it, on a free port; yields its URL. Traces go to the
-    `zipkin` endpoint if given, else nowhere."""
+    `zipkin` endpoint if given, else nowhere; `settings` adds environment variables."""
     port = free_port()
     env = {
         **os.environ,
@@ -87,6 +91,7 @@ def serving(
         "OTEL_TRACES_EXPORTER": "zipkin" if zipkin else "none",
         **({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin} if zipkin else {}),
         "PYTHONUNBUFFERED": "1",
+        **(settings or {}),
     }
     log_path = log_dir / f"{mode}-{profiler}-serve.log"
     url = f"http://127.0.0.1:{port}"
