@@ -84,6 +84,9 @@ def scrape(server: Server, path: str, user_agent: str, timeout: float) -> Scrape
         answer = connection.getresponse()
         headers = {name.lower(): value for name, value in answer.getheaders()}
         return Scraped(answer.status, headers, answer.read())
+    except (OSError, http.client.HTTPException) as error:
+        log = server.log()[-6000:]
+        raise AssertionError(f"GET {path}: {error!r}; the server's log ends:\n{log}") from error
     finally:
         connection.close()
 
