@@ -208,9 +208,10 @@ def test_the_labels_step_shows_the_second_leak_under_one_route_only() -> None:
     assert float(shares["/orders/{order_id}"]) > 90, tags
     assert "all of it came from one route" in tutorial
     # "Nothing of the second leak is left under `/`"
-    assert "Showing nodes accounting for 0, 0% of" in (
-        GENERATED / "routes-tagfocus-root.txt"
-    ).read_text()
+    assert (
+        "Showing nodes accounting for 0, 0% of"
+        in (GENERATED / "routes-tagfocus-root.txt").read_text()
+    )
     # "under `/orders/`, both leaks"
     rows = "\n".join(top_rows(GENERATED / "routes-tagfocus.txt"))
     assert "_ProxyMeter" in rows and "Headers" in rows, rows
