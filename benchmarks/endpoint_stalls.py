@@ -9,7 +9,8 @@ endpoint, the median and highest of the rounds' longest ticker stall. Part 2, th
 uvicorn (leaky, sampler at 4 KiB, 2,000 requests first): a client requests `/` in a loop while a
 /metrics scrape, eight `heap?gc=1` and heap, allocs and debug=1 builds run at once; printed, the
 slowest `/` of each round and the median, beside the slowest `/` without profiling. The goal:
-no single step of the profiler holds the loop for more than about 10 ms.
+no single step of the profiler holds the loop for more than about 10 ms. Exits 1 if the median
+round's slowest `/` while profiled is over SLOWEST_ROOT_BOUND_SECONDS (250 ms).
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ def get(url: str) -> None:
         answer.read()
 
 
-def beside_the_service(rounds: int) -> None:
+# The bound this benchmark asserts (the test asserts only that GET / kept answering): the median
+# round's slowest GET / while scraped and profiled every way at once. 108 ms measured, loaded.
+SLOWEST_ROOT_BOUND_SECONDS = 0.25
+
+
+def beside_the_service(rounds: int) -> bool:
     env = {
         "LEAK_MODE": "leaky",
         "PPROF_HEAP_PROFILER": "sampling",
@@ -136,6 +142,11 @@ def beside_the_service(rounds: int) -> None:
     for name, results in (("nothing else", quiet), ("scrape, 8 heap?gc=1, 4 builds", busy)):
         print(f"| {name} | {statistics.median(results) * 1000:.0f} ms "
               f"| {max(results) * 1000:.0f} ms |")  # fmt: skip
+    held = statistics.median(busy)
+    verdict = "within" if held <= SLOWEST_ROOT_BOUND_SECONDS else "OVER"
+    print(f"\nslowest GET / while profiled: {held * 1000:.0f} ms median, {verdict} the bound of "
+          f"{SLOWEST_ROOT_BOUND_SECONDS * 1000:.0f} ms")  # fmt: skip
+    return held <= SLOWEST_ROOT_BOUND_SECONDS
 
 
 def main() -> int:
@@ -143,8 +154,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     in_process(args.rounds)
-    beside_the_service(args.rounds)
-    return 0
+    return 0 if beside_the_service(args.rounds) else 1
 
 
 if __name__ == "__main__":
