@@ -190,14 +190,17 @@ def get_json(url: str, timeout: float = 30) -> Any:
 
 
 def raw_samples(
-    prometheus: str, metric: str, start: float, end: float
+    prometheus: str, metric: str, start: float, end: float, optional: bool = False
 ) -> list[tuple[float, float]]:
-    """Every sample Prometheus stored for `metric` between two times (one series)."""
+    """Every sample Prometheus stored for `metric` between two times (one series; none is
+    allowed if `optional`)."""
     seconds = max(int(end - start), 1)
     parameters = urllib.parse.urlencode({"query": f"{metric}[{seconds}s]", "time": end})
     answer = get_json(f"{prometheus}/api/v1/query?{parameters}")
     assert answer["status"] == "success", answer
     series = answer["data"]["result"]
+    if optional and not series:
+        return []
     assert len(series) == 1, f"{metric}: {len(series)} series"
     return [(float(t), float(v)) for t, v in series[0]["values"] if float(t) >= start]
 
