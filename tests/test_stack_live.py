@@ -64,9 +64,12 @@ from tests.zipkin_receiver import span_list_errors, without_nulls
 MIN_SCRAPE_SUCCESS = {"sampling": 0.99, "tracemalloc": 0.95}
 LEAKY_MIN_GROWTH_MIB_PER_MINUTE = 3.0
 # Flat next to the leak: at a thousand requests a second the fixed service's allocator still
-# settles for a minute or two (0.4 to 2.5 MiB a minute measured, 8 to 30 B a request), where the
+# settles for a minute or two (0.4 to 2.5 MiB a minute measured, 8 to 51 B a request), where the
 # leak costs about 1,100 B a request. Per request, because the client's rate moves run to run.
-FIXED_MAX_SHARE_OF_LEAK = 0.1
+# On a machine at load average 8 the fixed service grew 127 B a request over its window (bounded
+# queues filling while starved of CPU, not a leak): a quarter of the leak still tells the two
+# apart, and fixed mode built as leaky would be far over it.
+FIXED_MAX_SHARE_OF_LEAK = 0.25
 GRACE_SECONDS = 10  # Docker's default between SIGTERM and SIGKILL
 SIGKILL_EXIT = 137
 MARKED_REQUESTS = 20
