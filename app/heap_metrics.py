@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import REGISTRY, Gauge, multiprocess
@@ -43,18 +43,28 @@ HEAP_INUSE_HELP = (
 )
 OWN_BYTES_METRIC = "python_heap_profiler_own_bytes"
 TABLE_FULL_METRIC = "python_heap_profiler_table_full_samples"
-GAUGES: dict[str, tuple[str, Callable[[], float]]] = {
-    HEAP_INUSE_METRIC: (HEAP_INUSE_HELP, sampling.estimated_inuse_bytes),
+GAUGES: dict[str, str] = {
+    HEAP_INUSE_METRIC: HEAP_INUSE_HELP,
     OWN_BYTES_METRIC: (
-        "C memory of the sampling heap profiler's tables (at most PPROF_MEM_PROFILE_MAX_BYTES).",
-        lambda: float(sampling.stats().get("own_bytes", 0)),
+        "C memory of the sampling heap profiler's tables (at most PPROF_MEM_PROFILE_MAX_BYTES)."
     ),
     TABLE_FULL_METRIC: (
         "Samples since start counted in the sampler's one 'table full' record, their stacks "
-        "lost: the tables had reached PPROF_MEM_PROFILE_MAX_BYTES.",
-        lambda: float(sampling.stats().get("table_full", 0)),
+        "lost: the tables had reached PPROF_MEM_PROFILE_MAX_BYTES."
     ),
 }
+
+
+def gauge_values() -> dict[str, float]:
+    """Each gauge's value now: one read of the sampler's counters for the two of its own."""
+    stats = sampling.stats()
+    return {
+        HEAP_INUSE_METRIC: sampling.estimated_inuse_bytes(),
+        OWN_BYTES_METRIC: float(stats.get("own_bytes", 0)),
+        TABLE_FULL_METRIC: float(stats.get("table_full", 0)),
+    }
+
+
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 UPDATE_SECONDS = 1.0  # how stale a worker's value may be: scrapes come every 15 s or so
 _LIVE_FILE = re.compile(r"gauge_live[a-z]+_([0-9]+)\.db")
@@ -64,8 +74,8 @@ class SampledHeapCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if not sampling.is_running():
             return
-        for name, (documentation, read) in GAUGES.items():
-            yield GaugeMetricFamily(name, documentation, value=read())
+        for name, value in gauge_values().items():
+            yield GaugeMetricFamily(name, GAUGES[name], value=value)
 
 
 _registered_in: int | None = None  # the pid that registered: a forked worker registers anew
@@ -99,10 +109,10 @@ def _checked(value: str) -> Path:
 def _register_multiprocess(directory: Path) -> None:
     # Not in the default registry itself: the registry's MultiProcessCollector reads every
     # worker's value, this worker's included, from the directory.
-    gauges = [
-        (Gauge(name, documentation, multiprocess_mode="liveall", registry=None), read)
-        for name, (documentation, read) in GAUGES.items()
-    ]
+    gauges = {
+        name: Gauge(name, documentation, multiprocess_mode="liveall", registry=None)
+        for name, documentation in GAUGES.items()
+    }
     _set(gauges)
     if _registered_in is None:  # once per registry: a forked copy inherits the parent's
         multiprocess.MultiProcessCollector(REGISTRY)
@@ -114,12 +124,12 @@ def _register_multiprocess(directory: Path) -> None:
     ).start()
 
 
-def _set(gauges: list[tuple[Gauge, Callable[[], float]]]) -> None:
-    for gauge, read in gauges:
-        gauge.set(read())
+def _set(gauges: dict[str, Gauge]) -> None:
+    for name, value in gauge_values().items():
+        gauges[name].set(value)
 
 
-def _keep_current(gauges: list[tuple[Gauge, Callable[[], float]]], directory: Path) -> None:
+def _keep_current(gauges: dict[str, Gauge], directory: Path) -> None:
     """Write this worker's values every UPDATE_SECONDS (C counters read, mmap writes: the GIL
     for microseconds), and remove the files of workers that have exited."""
     while True:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 from scripts.docs_text import Normalise
-from scripts.processes import ROOT, serving
+from scripts.processes import LEAKER, ROOT, serving
 
-LEAKER = [sys.executable, "-m", "app.cli"]
 SHOWN_URL = "http://localhost:8080"
 ROUTES = "routes.heap.pb.gz"
 # One sample per 64 KiB: the second leak, a few hundred bytes a request, then has a hundred
