@@ -238,3 +238,34 @@ def test_a_def_line_is_its_functions_not_its_annotations(sample_dir: Path) -> No
     path.write_text(SAME_NAMES)
     line = marks(SAME_NAMES)["annotated def"]
     assert function_of(str(path), line) == ("sample_annotated.annotated", line)
+
+
+# Stacks cut at the frame limit: tracemalloc keeps one traceback per (frames, total depth), so
+# the same frames reached from two depths come back as two equal tuples.
+
+
+def allocate_at_depth(depth: int) -> list[bytearray]:
+    if depth > 0:
+        return allocate_at_depth(depth - 1)
+    return [bytearray(BLOCK_SIZE) for _ in range(BLOCK_COUNT)]
+
+
+@pytest.mark.parametrize("in_child", [False, True])
+def test_equal_stacks_cut_at_the_frame_limit_add_up(in_child: bool) -> None:
+    """A forked child's capture (`in_child`) keys blocks by the stack tuple's id: both tuples'
+    blocks must still be summed, not one left out (seen as 22 kB of imports missing at random)."""
+    tracemalloc.start(2)  # both stacks are allocate_at_depth's comprehension and its caller
+    try:
+        kept = [allocate_at_depth(3), allocate_at_depth(5)]
+        profile = heap.capture(in_child=in_child)
+    finally:
+        tracemalloc.stop()
+    ours = {
+        stack: counts
+        for stack, counts in profile.stacks.items()
+        if stack[0][0] == __file__ and counts[1] >= BLOCK_SIZE
+    }
+    assert len(ours) == 1, ours
+    [(count, size)] = ours.values()
+    assert count >= 2 * BLOCK_COUNT and size >= 2 * BLOCK_COUNT * BLOCK_SIZE, (count, size)
+    del kept

@@ -113,12 +113,16 @@ def capture(in_child: bool = False) -> HeapProfile:
         if gc_was_enabled:
             gc.enable()
     # Stacks whose blocks are all empty (malloc(0)) are left out, as pprof leaves out a sample of
-    # no bytes when it reads the legacy text: both forms then hold the same samples.
-    stacks = {
-        stack_by_key[key]: [len(sizes), sum(sizes)]
-        for key, sizes in sizes_by_key.items()
-        if any(sizes) and not _is_own(stack_by_key[key])
-    }
+    # no bytes when it reads the legacy text: both forms then hold the same samples. Two keys can
+    # hold equal stacks (tracemalloc tells apart the same frames cut from two depths): add up.
+    stacks: dict[Stack, list[int]] = {}
+    for key, sizes in sizes_by_key.items():
+        stack = stack_by_key[key]
+        if not any(sizes) or _is_own(stack):
+            continue
+        counts = stacks.setdefault(stack, [0, 0])
+        counts[0] += len(sizes)
+        counts[1] += sum(sizes)
     return HeapProfile(stacks, frames, time_ns, statistics=statistics)
 
 
