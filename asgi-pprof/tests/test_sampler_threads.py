@@ -1,9 +1,9 @@
 """The sampler under threads and forks: many threads allocating and freeing while profiles are
 built (on free-threaded builds too, without the GIL), and children forked at any moment.
 
-The stress runs ASGI_PPROF_STRESS_SECONDS per rate (default 7: 21 s for the three rates). It
-asserts counts, never times: no record frees more than it allocated, and what the records say is
-live is what the sampler follows.
+The stress runs ASGI_PPROF_STRESS_SECONDS per rate (default 7: 21 s for the three rates; CI
+asks 20). It asserts counts, never times: no record frees more than it allocated, and what the
+records say is live is what the sampler follows.
 """
 
 from __future__ import annotations
