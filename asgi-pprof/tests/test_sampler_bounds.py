@@ -246,3 +246,46 @@ def test_a_subinterpreter_cannot_stop_restart_or_read_the_sampler(tmp_path: Path
     assert all(line.startswith("refused:") for line in lines), lines
     assert "belongs to the interpreter that started it" in lines[0]
     assert sampling.is_running() and sampling.stats()["rate"] == 4096
+
+
+# The extension alone, loaded by file: on a free-threaded build the package cannot be imported in
+# a sub-interpreter at all (_tracemalloc refuses to load there), but the extension can.
+EXTENSION_IN_SUBINTERPRETER_CODE = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("asgi_pprof._memprof", {path!r})
+memprof = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memprof)
+with open({out!r}, "w") as out:
+    for action in (memprof.stop, memprof.snapshot):
+        try:
+            action()
+            out.write("allowed\\n")
+        except RuntimeError as error:
+            out.write(f"refused: {{error}}\\n")
+"""
+
+
+def test_a_subinterpreter_cannot_stop_or_read_the_sampler_through_the_extension(
+    tmp_path: Path,
+) -> None:
+    """The same refusal from C, through 3.13's `_interpreters`: it runs where `_testcapi` is not
+    built (CI's free-threaded 3.13t has no test modules)."""
+    interpreters = pytest.importorskip("_interpreters", reason="_interpreters is 3.13's")
+    from asgi_pprof import _memprof
+
+    sampling.start(rate=4096)
+    out = tmp_path / "out.txt"
+    code = EXTENSION_IN_SUBINTERPRETER_CODE.format(path=_memprof.__file__, out=str(out))
+    # "legacy": the main interpreter's GIL and allocator, as the extension requires.
+    interpreter = interpreters.create(interpreters.new_config("legacy"))
+    try:
+        failure = interpreters.exec(interpreter, code)
+    finally:
+        interpreters.destroy(interpreter)
+    assert failure is None, failure
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("refused:") for line in lines), lines
+    assert "belongs to the interpreter that started it" in lines[0]
+    assert sampling.is_running() and sampling.stats()["rate"] == 4096
+    assert sampling.capture().records is not None  # the main interpreter still reads it
