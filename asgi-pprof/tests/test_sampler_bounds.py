@@ -235,17 +235,22 @@ with open({out!r}, "w") as out:
 """
 
 
+def assert_every_action_refused(out: Path, actions: int) -> None:
+    """What the sub-interpreter wrote: each action refused, and the sampler still the main one's."""
+    lines = out.read_text().splitlines()
+    assert len(lines) == actions
+    assert all(line.startswith("refused:") for line in lines), lines
+    assert "belongs to the interpreter that started it" in lines[0]
+    assert sampling.is_running() and sampling.stats()["rate"] == 4096
+
+
 def test_a_subinterpreter_cannot_stop_restart_or_read_the_sampler(tmp_path: Path) -> None:
     testcapi = pytest.importorskip("_testcapi", reason="a build without test modules")
     sampling.start(rate=4096)
     out = tmp_path / "out.txt"
     code = SUBINTERPRETER_CODE.format(path=sys.path, out=str(out))
     assert testcapi.run_in_subinterp(code) == 0
-    lines = out.read_text().splitlines()
-    assert len(lines) == 3
-    assert all(line.startswith("refused:") for line in lines), lines
-    assert "belongs to the interpreter that started it" in lines[0]
-    assert sampling.is_running() and sampling.stats()["rate"] == 4096
+    assert_every_action_refused(out, actions=3)
 
 
 # The extension alone, loaded by file: on a free-threaded build the package cannot be imported in
@@ -283,9 +288,5 @@ def test_a_subinterpreter_cannot_stop_or_read_the_sampler_through_the_extension(
     finally:
         interpreters.destroy(interpreter)
     assert failure is None, failure
-    lines = out.read_text().splitlines()
-    assert len(lines) == 2
-    assert all(line.startswith("refused:") for line in lines), lines
-    assert "belongs to the interpreter that started it" in lines[0]
-    assert sampling.is_running() and sampling.stats()["rate"] == 4096
+    assert_every_action_refused(out, actions=2)
     assert sampling.capture().records is not None  # the main interpreter still reads it
