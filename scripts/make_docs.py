@@ -109,10 +109,11 @@ def check(docs: Path) -> list[str]:
 
 
 def run(command: list[str], cwd: Path) -> str:
-    """The command's standard output; its standard error is shown only if it fails."""
+    """The command's standard output; both its outputs are shown only if it fails (a demo says
+    on its standard output why the story did not hold)."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.stderr.write(done.stderr)
+        sys.stderr.write(done.stdout[-4000:] + done.stderr)
         raise SystemExit(f"make_docs: `{' '.join(command)}` exited with {done.returncode}")
     return done.stdout
 
